@@ -1,0 +1,274 @@
+"""The one settings model: every option's name, default, check and help.
+
+The command line (``tap.py``) and the TOML file both feed :func:`build`, so
+nothing downstream knows which front door was used. A TOML table is a service
+(``[chat]``), a key is the option without the service prefix (``--chat-max-clients``
+is ``[chat] max_clients``); options of the suite as a whole are top-level keys.
+The strip server, the first service, owns the unprefixed options (``--port``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sockproto import checks
+
+CONFIG_ENV = "SOCKPROTO_CONFIG"
+DEFAULT_CONFIG = "sockproto.toml"
+
+
+class ConfigError(Exception):
+    """A setting is wrong; the message names it and says why."""
+
+
+def option(default: Any, check: checks.Check, help: str, *, flag: bool = False, cli: str = "") -> Any:
+    """One setting; ``cli`` overrides the derived command-line name."""
+    return field(default=default, metadata={"check": check, "help": help, "flag": flag, "cli": cli})
+
+
+@dataclass(frozen=True)
+class SuiteSettings:
+    interface: str = option("127.0.0.1", checks.interface, "Address that bare port numbers listen on.")
+    auth: tuple[str, ...] = option(
+        (),
+        checks.strings,
+        "Credential checker for chat logins and POP3, in Twisted's strcred syntax "
+        "(memory:USER:PASS, file:PATH, unix); repeatable. See --help-auth.",
+    )
+    tls_cert: str = option("", checks.optional_path, "PEM certificate for TLS (POP3 STLS).")
+    tls_key: str = option("", checks.optional_path, "PEM private key for TLS (POP3 STLS).")
+
+
+@dataclass(frozen=True)
+class StripSettings:
+    port: str = option("9000", checks.stream_port, "Strip-whitespace server: port, endpoint or off.")
+    max_clients: int = option(10, checks.count, "Most strip clients at once (0: no cap).")
+    max_line: int = option(65536, checks.positive, "Longest strip line, in bytes.")
+    idle_timeout: float = option(
+        300.0, checks.seconds, "Disconnect a silent strip client after so many seconds (0: never)."
+    )
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    port: str = option("9001", checks.stream_port, "Chat server: port, endpoint or off.")
+    max_clients: int = option(1000, checks.count, "Most chat clients at once (0: no cap).")
+    max_line: int = option(4096, checks.positive, "Longest chat line, in bytes.")
+    idle_timeout: float = option(
+        0.0, checks.seconds, "Disconnect a silent chat client after so many seconds (0: never)."
+    )
+    history: int = option(20, checks.count, "Lines replayed to a newcomer.")
+    max_pending: int = option(
+        1024 * 1024, checks.byte_size, "Output a chat client may leave unread before it is dropped."
+    )
+    rate: tuple[float, float] = option(
+        (20.0, 40.0), checks.rate, "Lines per second a chat client may send, RATE[/BURST] (0: off)."
+    )
+    auth: bool = option(False, checks.flag, "Require /login against --auth.", flag=True)
+
+
+@dataclass(frozen=True)
+class UdpSettings:
+    port: str = option("9002", checks.datagram_port, "UDP responder: port, udp:PORT[:interface=ADDR] or off.")
+    mode: str = option(
+        "daytime",
+        checks.one_of("daytime", "echo", "strip", "time"),
+        "What UDP answers: daytime, echo, strip or time.",
+    )
+    rate: tuple[float, float] = option(
+        (20.0, 40.0), checks.rate, "Answers per second to one source, RATE[/BURST] (0: off)."
+    )
+    no_amplify: bool = option(
+        False, checks.flag, "Never answer with more bytes than the datagram had.", flag=True
+    )
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    port: str = option("8080", checks.stream_port, "HTTP responder: port, endpoint or off.")
+    message: str = option(
+        "", checks.text, "Body of GET / (none: a greeting naming sockproto and its version)."
+    )
+    root: str = option("", checks.optional_path, "Folder served under /files/ (none: /files/ is off).")
+    listing: bool = option(False, checks.flag, "List folders under /files/.", flag=True)
+    access_log: str = option("", checks.optional_path, "Access log file (none: the twistd log).")
+    max_clients: int = option(1000, checks.count, "Most HTTP connections at once (0: no cap).")
+    idle_timeout: float = option(60.0, checks.seconds, "Close an idle HTTP connection after so many seconds.")
+    max_body: int = option(1024 * 1024, checks.byte_size, "Largest request body, in bytes (413 above).")
+
+
+@dataclass(frozen=True)
+class Pop3Settings:
+    port: str = option("1110", checks.stream_port, "POP3 server: port, endpoint or off.")
+    maildir: str = option(
+        "mail",
+        checks.optional_path,
+        "Root of the per-user Maildirs (ROOT/USER/{cur,new,tmp}).",
+        cli="maildir",
+    )
+    max_clients: int = option(100, checks.count, "Most POP3 sessions at once (0: no cap).")
+    idle_timeout: float = option(600.0, checks.seconds, "Close an idle POP3 session after so many seconds.")
+    require_tls: bool = option(False, checks.flag, "Refuse USER/PASS/AUTH until STLS is done.", flag=True)
+
+
+@dataclass(frozen=True)
+class Settings:
+    suite: SuiteSettings = field(default_factory=SuiteSettings)
+    strip: StripSettings = field(default_factory=StripSettings)
+    chat: ChatSettings = field(default_factory=ChatSettings)
+    udp: UdpSettings = field(default_factory=UdpSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    pop3: Pop3Settings = field(default_factory=Pop3Settings)
+
+
+SERVICES = ("strip", "chat", "udp", "http", "pop3")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One option, as both front doors see it."""
+
+    section: str  # "suite" for top-level keys
+    key: str
+    default: Any
+    check: checks.Check
+    help: str
+    flag: bool
+    cli_name: str = ""
+
+    @property
+    def cli(self) -> str:
+        if self.cli_name:
+            return self.cli_name
+        name = self.key.replace("_", "-")
+        return name if self.section in ("suite", "strip") else f"{self.section}-{name}"
+
+    @property
+    def toml(self) -> str:
+        return self.key if self.section == "suite" else f"[{self.section}] {self.key}"
+
+
+def specs() -> Iterator[Spec]:
+    for section in dataclasses.fields(Settings):
+        for item in dataclasses.fields(section.default_factory):  # type: ignore[arg-type]
+            meta = item.metadata
+            yield Spec(
+                section.name, item.name, item.default, meta["check"], meta["help"], meta["flag"], meta["cli"]
+            )
+
+
+def show(value: Any) -> str:
+    """A default as a person would type it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        return f"{value[0]:g}/{value[1]:g}"
+    if isinstance(value, tuple):
+        return ", ".join(value) or "none"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else "none"
+
+
+# (section, key) -> (raw value, where it came from, for error messages)
+RawValues = dict[tuple[str, str], tuple[Any, str]]
+
+
+def build(values: RawValues) -> Settings:
+    """Check every given value and return the settings; defaults fill the rest."""
+    known = {(spec.section, spec.key): spec for spec in specs()}
+    checked: dict[str, dict[str, Any]] = {name: {} for name in ("suite", *SERVICES)}
+    for (section, key), (raw, origin) in values.items():
+        spec = known.get((section, key))
+        if spec is None:
+            raise ConfigError(f"{origin}: unknown setting")
+        try:
+            checked[section][key] = spec.check(raw)
+        except ValueError as error:
+            raise ConfigError(f"{origin}: {error}") from None
+    sections = {name: _section_type(name)(**kwargs) for name, kwargs in checked.items()}
+    return Settings(**sections)
+
+
+def _section_type(section: str) -> type:
+    return next(f.default_factory for f in dataclasses.fields(Settings) if f.name == section)  # type: ignore[return-value]
+
+
+def read_toml(path: str | os.PathLike[str]) -> RawValues:
+    """Raw values from a TOML file, each labelled with the file and key."""
+    name = str(path)
+    try:
+        with open(path, "rb") as file:
+            document = tomllib.load(file)
+    except OSError as error:
+        raise ConfigError(f"{name}: cannot read: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{name}: not valid TOML: {error}") from None
+    values: RawValues = {}
+    for key, value in document.items():
+        if key in SERVICES:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{name}: [{key}] must be a table")
+            for inner, raw in value.items():
+                values[(key, inner)] = (raw, f"{name}: [{key}] {inner}")
+        else:
+            values[("suite", key)] = (value, f"{name}: {key}")
+    return values
+
+
+def find_config_file(explicit: str | None = None) -> Path | None:
+    """--config FILE, else $SOCKPROTO_CONFIG, else ./sockproto.toml if present."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    local = Path(DEFAULT_CONFIG)
+    return local if local.is_file() else None
+
+
+def load(explicit: str | None = None, overrides: RawValues | None = None) -> tuple[Settings, Path | None]:
+    """Settings from the config file (if any) with ``overrides`` on top."""
+    path = find_config_file(explicit)
+    values = read_toml(path) if path else {}
+    values.update(overrides or {})
+    return build(values), path
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        return f'"{value[0]:g}/{value[1]:g}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(f'"{v}"' for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}" if value != int(value) else f"{int(value)}"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def example_toml() -> str:
+    """The commented example file: every key, its default, and its option."""
+    out = [
+        "# sockproto settings: every key with its default. Copy to sockproto.toml",
+        "# (read from the current folder), or name it with --config FILE or",
+        "# $SOCKPROTO_CONFIG. Command-line options win over this file.",
+        "",
+    ]
+    section = None
+    for spec in specs():
+        if spec.section != section:
+            section = spec.section
+            if section != "suite":
+                out += ["", f"[{section}]"]
+        out.append(f"# {spec.help} (--{spec.cli})")
+        out.append(f"{spec.key} = {_toml_value(spec.default)}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,35 @@
+"""Port settings to Twisted endpoints, in one place.
+
+Twisted's ``serverFromString`` rejects a bare port number, and UDP has no
+endpoint syntax at all; every service's port option goes through here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from sockproto import checks
+
+
+def _escape(address: str) -> str:
+    return address.replace(":", "\\:")
+
+
+def stream_description(spec: str, interface: str) -> str | None:
+    """``9000`` -> ``tcp:9000:interface=127.0.0.1``; ``off`` -> None."""
+    if spec == "off":
+        return None
+    if spec.isdigit():
+        kind = "tcp6" if ipaddress.ip_address(interface).version == 6 else "tcp"
+        return f"{kind}:{spec}:interface={_escape(interface)}"
+    return spec
+
+
+def datagram_address(spec: str, interface: str) -> tuple[int, str] | None:
+    """``9002`` or ``udp:9002[:interface=ADDR]`` -> (port, address); ``off`` -> None."""
+    if spec == "off":
+        return None
+    if spec.isdigit():
+        return int(spec), interface
+    port, address = checks.parse_udp(spec)
+    return port, address if address is not None else interface

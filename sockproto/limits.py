@@ -1,0 +1,338 @@
+"""Shared policies, written once: every service composes these, none copies them.
+
+- :class:`GuardedFactory` wraps any server factory (ours or twisted.web's) and
+  gives every connection the suite's connection policy: a cap on clients with an
+  overflow line, an idle timeout, byte and connection counters, and a bounded
+  close (a peer that never reads cannot keep a closing connection alive).
+- :class:`BoundedLineReceiver` is the line policy: LF lines with CR tolerated, a
+  length cap answered with an error line, the last line kept on half-close.
+- :class:`TokenBucket` and :class:`BucketTable` are the rate limits.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
+from zope.interface import directlyProvides, implementer, providedBy
+
+from sockproto.stats import ServiceStats
+
+log = Logger(namespace="sockproto")
+
+# How long a connection we decided to close may take to flush its last words
+# before it is aborted (twisted.web uses 15 s for the same purpose).
+CLOSE_GRACE = 15.0
+
+
+def peer_of(transport: Any) -> str:
+    """``host:port`` of a transport's peer, for log lines."""
+    try:
+        address = transport.getPeer()
+    except Exception:
+        return "?"
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is None:
+        return str(getattr(address, "name", None) or "local")
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class ConnectionPolicy:
+    """Per-service connection limits; 0 means 'no limit' for each."""
+
+    max_clients: int = 0
+    overflow_message: bytes = b"too many users\r\n"
+    idle_timeout: float = 0.0
+
+
+class OverflowProtocol(Protocol):
+    """Says the overflow line and closes; the service's protocol never sees the peer."""
+
+    _abort_call: Any = None
+
+    def __init__(self, factory: GuardedFactory) -> None:
+        self.factory = factory
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        factory.stats.limit_hit("max_clients")
+        log.info(
+            "{service}: refused {peer}: too many clients (max {limit})",
+            service=factory.stats.name,
+            peer=peer_of(self.transport),
+            limit=factory.policy.max_clients,
+        )
+        self.transport.write(factory.policy.overflow_message)
+        close_gently(self.transport, factory.clock, self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Whatever it says is ignored: it is being shown the door."""
+
+    def connectionLost(self, reason: Any) -> None:
+        _cancel(self._abort_call)
+
+
+class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
+    """The per-connection half of :class:`GuardedFactory`."""
+
+    factory: GuardedFactory
+    _abort_call: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        # Unlike ProtocolWrapper, also pass half-close through when the wrapped
+        # protocol wants it: the reactor only asks the outermost protocol.
+        extra = [IHalfCloseableProtocol] if IHalfCloseableProtocol.providedBy(self.wrappedProtocol) else []
+        directlyProvides(self, providedBy(transport), *extra)
+        self.transport = transport
+        self.connected = 1
+        factory = self.factory
+        self.callLater = factory.clock.callLater  # type: ignore[method-assign]
+        self._stats = factory.stats
+        factory.registerProtocol(self)
+        if factory.policy.idle_timeout:
+            self.setTimeout(factory.policy.idle_timeout)
+        self.wrappedProtocol.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._stats.bytes_in += len(data)
+        if self.timeOut:
+            self.resetTimeout()
+        self.wrappedProtocol.dataReceived(data)
+
+    def write(self, data: bytes) -> None:
+        self._stats.bytes_out += len(data)
+        self.transport.write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        data = list(data)
+        self._stats.bytes_out += sum(map(len, data))
+        self.transport.writeSequence(data)
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            self.disconnecting = 1
+            close_gently(self.transport, self.factory.clock, self)
+
+    def readConnectionLost(self) -> None:
+        self.wrappedProtocol.readConnectionLost()
+
+    def writeConnectionLost(self) -> None:
+        self.wrappedProtocol.writeConnectionLost()
+
+    def timeoutConnection(self) -> None:
+        self._stats.limit_hit("idle_timeout")
+        log.info(
+            "{service}: closing {peer}: idle for {seconds:g} s",
+            service=self._stats.name,
+            peer=peer_of(self.transport),
+            seconds=self.factory.policy.idle_timeout,
+        )
+        goodbye = getattr(self.wrappedProtocol, "idle_timed_out", None)
+        farewell = goodbye() if goodbye is not None else b""
+        if farewell:
+            self.write(farewell)
+        self.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.setTimeout(None)
+        _cancel(self._abort_call)
+        super().connectionLost(reason)
+
+
+class GuardedFactory(WrappingFactory):
+    """Applies a :class:`ConnectionPolicy` and counts into a service's stats."""
+
+    protocol = GuardedProtocol
+
+    def __init__(
+        self,
+        wrapped: Any,
+        policy: ConnectionPolicy,
+        stats: ServiceStats,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        super().__init__(wrapped)
+        # Twisted's factories log every start and stop; the suite logs what
+        # listens where itself.
+        self.noisy = wrapped.noisy = False
+        self.policy = policy
+        self.stats = stats
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.clock: Any = clock
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.policy.max_clients and len(self.protocols) >= self.policy.max_clients:
+            return OverflowProtocol(self)
+        inner = self.wrappedFactory.buildProtocol(addr)
+        return None if inner is None else self.protocol(self, inner)
+
+    def registerProtocol(self, p: Any) -> None:
+        super().registerProtocol(p)
+        self.stats.current += 1
+        self.stats.total += 1
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        self.stats.current -= 1
+
+    def server_stopping(self) -> None:
+        """The service stops: each protocol with a ``server_stopping() -> bytes``
+        hook gets to say its last words, then its connection is closed."""
+        for wrapper in list(self.protocols):
+            hook = getattr(wrapper.wrappedProtocol, "server_stopping", None)
+            if hook is not None:
+                farewell = hook()
+                if farewell:
+                    wrapper.write(farewell)
+                wrapper.loseConnection()
+
+
+def close_gently(transport: Any, clock: Any, owner: Any = None) -> None:
+    """Close after the output is flushed, but abort if that takes too long.
+
+    A peer that stops reading would otherwise keep the connection (and its
+    buffered output) alive forever.
+    """
+    transport.loseConnection()
+    abort = getattr(transport, "abortConnection", None)
+    if abort is None:
+        return
+    call = clock.callLater(CLOSE_GRACE, _abort_if_open, transport)
+    if owner is not None:
+        owner._abort_call = call
+
+
+def _cancel(call: Any) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
+def _abort_if_open(transport: Any) -> None:
+    if getattr(transport, "connected", 0):
+        transport.abortConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class BoundedLineReceiver(LineReceiver):
+    """The suite's line policy on top of LineReceiver.
+
+    Subclasses implement :meth:`line_received` (the line without LF or CR) and
+    set ``service_stats``; ``MAX_LENGTH`` comes from the service's ``max_line``.
+    """
+
+    delimiter = b"\n"
+    line_too_long_message = b"error: line too long\r\n"
+    service_stats: ServiceStats
+
+    def lineReceived(self, line: bytes) -> Any:
+        if line[-1:] == b"\r":
+            line = line[:-1]
+        return self.line_received(line)
+
+    def line_received(self, line: bytes) -> Any:
+        raise NotImplementedError
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.service_stats.limit_hit("max_line")
+        log.info(
+            "{service}: closing {peer}: line longer than {limit} bytes",
+            service=self.service_stats.name,
+            peer=peer_of(self.transport),
+            limit=self.MAX_LENGTH,
+        )
+        self.transport.write(self.line_too_long_message)
+        self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        """EOF from the peer: its last line counts even without LF, then we close."""
+        rest, self._buffer = self._buffer, b""
+        if rest and not self.transport.disconnecting:
+            self.lineReceived(rest)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up; starts full."""
+
+    __slots__ = ("_now", "burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._now = now
+        self.tokens = burst
+        self.stamp = now()
+
+    def _refill(self) -> None:
+        now = self._now()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def take(self, amount: float = 1.0) -> bool:
+        """Spend ``amount`` tokens if there are that many."""
+        self._refill()
+        if self.tokens >= amount:
+            self.tokens -= amount
+            return True
+        return False
+
+    def wait(self, amount: float = 1.0) -> float:
+        """Seconds until ``amount`` tokens will be there (0 if they are now)."""
+        self._refill()
+        missing = amount - self.tokens
+        return 0.0 if missing <= 0 else missing / self.rate
+
+    def idle_enough(self) -> bool:
+        """True when the bucket is full again: forgetting it changes nothing."""
+        return self.tokens + (self._now() - self.stamp) * self.rate >= self.burst
+
+
+class BucketTable:
+    """One token bucket per key (a peer), at most ``max_keys`` of them.
+
+    Full buckets are forgotten (a new one would be the same); beyond the size
+    bound the least recently used one goes, so a flood from spoofed sources
+    costs bounded memory.
+    """
+
+    def __init__(self, rate: float, burst: float, now: Callable[[], float], max_keys: int = 10000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._now = now
+        self.max_keys = max_keys
+        self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def allow(self, key: Hashable, amount: float = 1.0) -> bool:
+        if not self.rate:
+            return True
+        buckets = self._buckets
+        bucket = buckets.get(key)
+        if bucket is None:
+            self._expire()
+            bucket = buckets[key] = TokenBucket(self.rate, self.burst, self._now)
+        else:
+            buckets.move_to_end(key)
+        return bucket.take(amount)
+
+    def _expire(self) -> None:
+        buckets = self._buckets
+        while buckets:
+            oldest = next(iter(buckets.values()))
+            if len(buckets) < self.max_keys and not oldest.idle_enough():
+                return
+            buckets.popitem(last=False)

@@ -1,0 +1,120 @@
+"""Listening on a service's port: the one place that binds, reports and stops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sockproto.endpoints import stream_description
+from sockproto.limits import ConnectionPolicy, GuardedFactory
+from sockproto.stats import ServiceStats
+
+log = Logger(namespace="sockproto")
+
+
+class StartupError(Exception):
+    """A service could not start; the message says which one and why."""
+
+
+class Listener(Service):
+    """Listens while running; says where it listens, and that it stopped."""
+
+    def __init__(
+        self,
+        name: str,
+        where: str,
+        listen: Callable[[], Any],
+        stats: ServiceStats,
+        on_stop: Callable[[], Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.where = where
+        self._listen = listen
+        self._stats = stats
+        self._on_stop = on_stop  # after the port closes: tell the open connections
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        # Listen before privileges are dropped, and synchronously, so that a
+        # taken port stops the suite before it reports itself started.
+        outcome = _now(maybeDeferred(self._listen))
+        if isinstance(outcome, Failure):
+            raise StartupError(f"{self.name}: cannot listen on {self.where}: {_reason(outcome.value)}")
+        self.port = outcome
+        address = describe(outcome.getHost())
+        self._stats.listening.append(address)
+        log.info("{service} listening on {address}", service=self.name, address=address)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.port is None:  # not started by twistd's privileged pass
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return None
+        self._stats.listening.clear()
+        stopped = maybeDeferred(port.stopListening)
+        if self._on_stop is not None:
+            stopped.addCallback(lambda _: self._on_stop())
+        stopped.addCallback(lambda _: log.info("{service} stopped", service=self.name))
+        return stopped
+
+
+def stream_listener(
+    name: str,
+    spec: str,
+    interface: str,
+    factory: Any,
+    policy: ConnectionPolicy,
+    stats: ServiceStats,
+    reactor: Any,
+) -> Listener | None:
+    """A TCP-style service on its port setting, under the shared connection policy."""
+    description = stream_description(spec, interface)
+    if description is None:
+        return None
+    from twisted.internet.endpoints import serverFromString
+
+    guarded = GuardedFactory(factory, policy, stats, reactor)
+    endpoint = serverFromString(reactor, description)
+    return Listener(name, description, lambda: endpoint.listen(guarded), stats, guarded.server_stopping)
+
+
+def describe(address: Any) -> str:
+    """An IAddress as ``tcp:127.0.0.1:9000``, ``tcp6:[::1]:9000``, ``unix:/path``."""
+    kind = getattr(address, "type", None)
+    if kind in ("TCP", "UDP"):
+        host = address.host
+        family = ("tcp" if kind == "TCP" else "udp") + ("6" if ":" in host else "")
+        shown = f"[{host}]" if ":" in host else host
+        return f"{family}:{shown}:{address.port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
+    return str(address)
+
+
+def _now(deferred: Deferred[Any]) -> Any:
+    """The result of an already-fired Deferred (endpoint listens are synchronous)."""
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    if not results:
+        return Failure(StartupError("did not start listening at once"))
+    return results[0]
+
+
+def _reason(error: BaseException) -> str:
+    socket_error = getattr(error, "socketError", None)
+    if socket_error is not None:
+        return getattr(socket_error, "strerror", None) or str(socket_error)
+    return str(error) or error.__class__.__name__

@@ -1,0 +1,116 @@
+"""Settings -> one MultiService with a listening child per enabled service.
+
+Both front doors (the twistd plugin and the .tac file) call :func:`make_service`.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
+
+from sockproto import __version__, strip
+from sockproto.config import SERVICES, Settings
+from sockproto.listening import Listener, StartupError
+from sockproto.stats import Stats
+
+log = Logger(namespace="sockproto")
+
+
+class Suite(MultiService):
+    """All services; either all of them listen or none does."""
+
+    def __init__(self, settings: Settings, stats: Stats, config_path: Path | None, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.settings = settings
+        self.stats = stats
+        self.config_path = config_path
+
+    def privilegedStartService(self) -> None:
+        source = self.config_path or "defaults"
+        log.info("sockproto {version} starting (settings: {source})", version=__version__, source=str(source))
+        started: list[Listener] = []
+        try:
+            for child in self:
+                child.privilegedStartService()
+                started.append(child)
+        except StartupError as error:
+            for child in started:
+                child.stopService()
+            log.critical("{error}", error=str(error))
+            _report_cleanly(StartupError)
+            raise
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        super().startService()
+        # Ready means the reactor runs (and handles SIGTERM), not just listening.
+        self.reactor.callWhenRunning(self._ready)
+
+    def _ready(self) -> None:
+        self._stop_cleanly_on_sigterm()
+        names = ", ".join(child.name for child in self) or "nothing (every service is off)"
+        log.info("sockproto ready: {services}", services=names)
+
+    def _stop_cleanly_on_sigterm(self) -> None:
+        """SIGTERM is how systemd and ``kill`` ask for a normal stop: shut down
+        and exit 0, rather than Twisted's default of re-raising the signal so
+        the process dies with status 143."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            log.info("received SIGTERM, stopping")
+            self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def make_service(settings: Settings, reactor: Any = None, config_path: Path | None = None) -> Suite:
+    if reactor is None:
+        from twisted.internet import reactor
+    suite = Suite(settings, Stats(reactor.seconds), config_path, reactor)
+    for name in SERVICES:
+        builder = BUILDERS.get(name)
+        if builder is not None:
+            listener = builder(settings, suite.stats, reactor)
+            if listener is not None:
+                listener.setServiceParent(suite)
+    return suite
+
+
+# service name -> build(settings, stats, reactor) -> Listener, or None when off
+BUILDERS: dict[str, Callable[[Settings, Stats, Any], Listener | None]] = {
+    "strip": strip.build,
+}
+
+
+_hook_installed = False
+
+
+def _report_cleanly(kind: type[BaseException]) -> None:
+    """Make an uncaught ``kind`` print one line instead of a traceback.
+
+    twistd re-raises start-up errors after cleaning up (pidfile, daemon status
+    pipe), which ends in Python's traceback printer; an operator needs one line.
+    """
+    global _hook_installed
+    if _hook_installed:
+        return
+    _hook_installed = True
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], value: BaseException, tb: Any) -> None:
+        if issubclass(exc_type, kind):
+            print(f"sockproto: error: {value}", file=sys.__stderr__)
+        else:
+            previous(exc_type, value, tb)
+
+    sys.excepthook = hook

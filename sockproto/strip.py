@@ -1,0 +1,123 @@
+"""The strip-whitespace server of seed 000: each line comes back without
+spaces, tabs, CR and LF, NUL-terminated; ``exit`` or ``quit`` closes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Factory
+
+from sockproto.config import Settings
+from sockproto.limits import BoundedLineReceiver, ConnectionPolicy
+from sockproto.listening import Listener, stream_listener
+from sockproto.stats import ServiceStats, Stats
+
+WHITESPACE = b" \t\r\n"
+CLOSING_WORDS = (b"exit", b"quit")
+# Deletes the whitespace and turns each LF into the NUL that ends an answer,
+# so a whole block of lines is answered in one C-level pass.
+_LF_TO_NUL = bytes.maketrans(b"\n", b"\0")
+
+
+def strip_whitespace(data: bytes) -> bytes:
+    """``b"hello world"`` -> ``b"helloworld"``; other bytes pass untouched."""
+    return data.translate(None, WHITESPACE)
+
+
+def answer(line: bytes) -> bytes:
+    """What the server sends back for one line (or, in UDP strip mode, one datagram)."""
+    return line.translate(None, WHITESPACE) + b"\0"
+
+
+def is_closing(line: bytes) -> bool:
+    """``exit``/``quit`` once surrounding whitespace is trimmed, in any case."""
+    return line.strip(WHITESPACE).lower() in CLOSING_WORDS
+
+
+class StripProtocol(BoundedLineReceiver):
+    """Answers whole blocks of lines at once; see :meth:`dataReceived`."""
+
+    service_stats: ServiceStats
+
+    def dataReceived(self, data: bytes) -> Any:
+        # LineReceiver splits one line at a time and copies the rest of the
+        # buffer each time; the answer to a block of lines is computable in one
+        # pass, so take the fast path whenever no line needs a closer look.
+        if self.transport.disconnecting:
+            return None
+        buffer = self._buffer + data if self._buffer else data
+        end = buffer.rfind(b"\n")
+        if end < 0:
+            self._buffer = b""
+            if len(buffer) > self.MAX_LENGTH:
+                return self.lineLengthExceeded(buffer)
+            self._buffer = buffer
+            return None
+        block, rest = buffer[:end], buffer[end + 1 :]
+        self._buffer = b""
+        if len(block) > self.MAX_LENGTH or _may_close(block):
+            return self._answer_one_by_one(block, rest)
+        self.service_stats.handled += block.count(b"\n") + 1
+        self.transport.write(block.translate(_LF_TO_NUL, b" \t\r") + b"\0")
+        return self._keep(rest)
+
+    def _answer_one_by_one(self, block: bytes, rest: bytes) -> Any:
+        answers = []
+        for line in block.split(b"\n"):
+            if len(line) > self.MAX_LENGTH:
+                self.transport.write(b"".join(answers))
+                return self.lineLengthExceeded(line)
+            if is_closing(line):
+                self.transport.write(b"".join(answers))
+                self.transport.loseConnection()
+                return None
+            answers.append(answer(line))
+        self.service_stats.handled += len(answers)
+        self.transport.write(b"".join(answers))
+        return self._keep(rest)
+
+    def _keep(self, rest: bytes) -> Any:
+        if len(rest) > self.MAX_LENGTH:
+            return self.lineLengthExceeded(rest)
+        self._buffer = rest
+        return None
+
+    def line_received(self, line: bytes) -> None:
+        # Used for the last line on half-close.
+        if is_closing(line):
+            self.transport.loseConnection()
+            return
+        self.service_stats.handled += 1
+        self.transport.write(answer(line))
+
+
+def _may_close(block: bytes) -> bool:
+    lowered = block.lower()
+    return b"exit" in lowered or b"quit" in lowered
+
+
+class StripFactory(Factory):
+    protocol = StripProtocol
+
+    def __init__(self, max_line: int, stats: ServiceStats) -> None:
+        self.max_line = max_line
+        self.stats = stats
+
+    def buildProtocol(self, addr: Any) -> StripProtocol:
+        protocol = StripProtocol()
+        protocol.factory = self
+        protocol.MAX_LENGTH = self.max_line
+        protocol.service_stats = self.stats
+        return protocol
+
+
+def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
+    """The strip service as configured, or None when its port is off."""
+    service_stats = stats.service("strip", "lines")
+    policy = ConnectionPolicy(
+        max_clients=settings.strip.max_clients, idle_timeout=settings.strip.idle_timeout
+    )
+    factory = StripFactory(settings.strip.max_line, service_stats)
+    return stream_listener(
+        "strip", settings.strip.port, settings.suite.interface, factory, policy, service_stats, reactor
+    )

@@ -1,0 +1,171 @@
+"""The shared policies: connection guard, gentle close, token buckets."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from sockproto.limits import BucketTable, ConnectionPolicy, GuardedFactory, TokenBucket
+from sockproto.stats import ServiceStats
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+class Recorder(Protocol):
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+        self.transport.write(data.upper())
+
+    def connectionLost(self, reason: object) -> None:
+        self.lost = True
+
+
+class Polite(Recorder):
+    def idle_timed_out(self) -> bytes:
+        return b"bye: idle\r\n"
+
+
+class StubbornTransport(StringTransport):
+    """A peer that never reads: loseConnection never completes."""
+
+    connected = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self.connected = False
+
+
+def guarded(
+    protocol: type[Protocol] = Recorder, **policy: object
+) -> tuple[GuardedFactory, ServiceStats, Clock]:
+    clock = Clock()
+    stats = ServiceStats("test", "things")
+    factory = GuardedFactory(Factory.forProtocol(protocol), ConnectionPolicy(**policy), stats, clock)
+    return factory, stats, clock
+
+
+class GuardedFactoryTests(SynchronousTestCase):
+    def test_counts_connections_and_bytes(self) -> None:
+        factory, stats, _ = guarded()
+        wrapper = factory.buildProtocol(PEER)
+        wrapper.makeConnection(StringTransport())
+        wrapper.dataReceived(b"abc")
+        wrapper.writeSequence([b"x", b"yz"])
+        self.assertEqual((stats.current, stats.total), (1, 1))
+        self.assertEqual((stats.bytes_in, stats.bytes_out), (3, 6))
+        wrapper.connectionLost(None)
+        self.assertEqual((stats.current, stats.total), (0, 1))
+
+    def test_no_cap_when_zero(self) -> None:
+        factory, stats, _ = guarded(max_clients=0)
+        for _ in range(50):
+            factory.buildProtocol(PEER).makeConnection(StringTransport())
+        self.assertEqual(stats.current, 50)
+        self.assertEqual(stats.limits["max_clients"], 0)
+
+    def test_overflow_message_is_configurable(self) -> None:
+        factory, _, _ = guarded(max_clients=1, overflow_message=b"-ERR [SYS/TEMP] busy\r\n")
+        factory.buildProtocol(PEER).makeConnection(StringTransport())
+        refused = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        refused.makeConnection(transport)
+        refused.dataReceived(b"ignored\n")
+        self.assertEqual(transport.value(), b"-ERR [SYS/TEMP] busy\r\n")
+
+    def test_half_close_passed_only_when_wanted(self) -> None:
+        factory, _, _ = guarded()
+        wrapper = factory.buildProtocol(PEER)
+        wrapper.makeConnection(StringTransport())
+        self.assertFalse(IHalfCloseableProtocol.providedBy(wrapper))
+
+    def test_idle_timeout_says_goodbye_through_hook(self) -> None:
+        factory, stats, clock = guarded(Polite, idle_timeout=10)
+        wrapper = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        clock.advance(10)
+        self.assertEqual(transport.value(), b"bye: idle\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(stats.limits["idle_timeout"], 1)
+
+    def test_idle_timeout_off(self) -> None:
+        factory, _, clock = guarded(idle_timeout=0)
+        wrapper = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        clock.advance(10**6)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_close_aborts_a_peer_that_never_reads(self) -> None:
+        factory, _, clock = guarded()
+        wrapper = factory.buildProtocol(PEER)
+        transport = StubbornTransport()
+        wrapper.makeConnection(transport)
+        wrapper.loseConnection()
+        wrapper.loseConnection()  # twice schedules one abort, not two
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(14.9)
+        self.assertFalse(getattr(transport, "aborted", False))
+        clock.advance(0.2)
+        self.assertTrue(transport.aborted)
+
+    def test_close_that_completes_cancels_abort(self) -> None:
+        factory, _, clock = guarded()
+        wrapper = factory.buildProtocol(PEER)
+        wrapper.makeConnection(StubbornTransport())
+        wrapper.loseConnection()
+        wrapper.connectionLost(None)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class TokenBucketTests(SynchronousTestCase):
+    def test_burst_then_rate(self) -> None:
+        clock = Clock()
+        bucket = TokenBucket(rate=20, burst=40, now=clock.seconds)
+        self.assertEqual(sum(bucket.take() for _ in range(100)), 40)
+        clock.advance(0.5)
+        self.assertEqual(sum(bucket.take() for _ in range(100)), 10)
+        self.assertAlmostEqual(bucket.wait(), 0.05)
+
+    def test_never_above_burst(self) -> None:
+        clock = Clock()
+        bucket = TokenBucket(rate=10, burst=5, now=clock.seconds)
+        clock.advance(3600)
+        self.assertEqual(sum(bucket.take() for _ in range(100)), 5)
+
+
+class BucketTableTests(SynchronousTestCase):
+    def test_per_key(self) -> None:
+        clock = Clock()
+        table = BucketTable(rate=1, burst=2, now=clock.seconds)
+        self.assertEqual([table.allow("a") for _ in range(3)], [True, True, False])
+        self.assertTrue(table.allow("b"))
+
+    def test_bounded_size(self) -> None:
+        clock = Clock()
+        table = BucketTable(rate=1, burst=2, now=clock.seconds, max_keys=100)
+        for source in range(10_000):
+            table.allow(source)
+        self.assertLessEqual(len(table), 100)
+
+    def test_full_buckets_forgotten(self) -> None:
+        clock = Clock()
+        table = BucketTable(rate=10, burst=20, now=clock.seconds, max_keys=100)
+        for source in range(50):
+            table.allow(source)
+        clock.advance(2)  # every bucket refilled
+        table.allow("new")
+        self.assertEqual(len(table), 1)
+
+    def test_zero_rate_means_off(self) -> None:
+        table = BucketTable(rate=0, burst=0, now=Clock().seconds)
+        self.assertTrue(all(table.allow("a") for _ in range(1000)))

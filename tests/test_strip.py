@@ -1,0 +1,151 @@
+"""The strip protocol, driven with StringTransport and a Clock (no sockets)."""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from sockproto import strip
+from sockproto.limits import ConnectionPolicy, GuardedFactory
+from sockproto.stats import ServiceStats
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+def connect(factory: GuardedFactory) -> tuple[object, StringTransport]:
+    protocol = factory.buildProtocol(PEER)
+    transport = StringTransport(peerAddress=PEER)
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+class StripFunctionTests(SynchronousTestCase):
+    def test_removes_space_tab_cr_lf(self) -> None:
+        self.assertEqual(strip.strip_whitespace(b" a\tb\r\nc d "), b"abcd")
+
+    def test_answer_is_nul_terminated(self) -> None:
+        self.assertEqual(strip.answer(b"hello world"), b"helloworld\x00")
+
+    def test_other_bytes_untouched(self) -> None:
+        self.assertEqual(strip.answer(b"\xff \xfe\x0b\x0c"), b"\xff\xfe\x0b\x0c\x00")
+
+    def test_closing_words(self) -> None:
+        for line in (b"exit", b"quit", b"  exit\t\r", b"QUIT", b"Exit"):
+            self.assertTrue(strip.is_closing(line), line)
+        for line in (b"e x i t", b"exits", b"exit now", b""):
+            self.assertFalse(strip.is_closing(line), line)
+
+
+class StripProtocolTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.stats = ServiceStats("strip", "lines")
+        self.policy = ConnectionPolicy(max_clients=10, idle_timeout=300)
+        self.factory = GuardedFactory(strip.StripFactory(64, self.stats), self.policy, self.stats, self.clock)
+        self.protocol, self.transport = connect(self.factory)
+
+    def send(self, *chunks: bytes) -> bytes:
+        for chunk in chunks:
+            self.protocol.dataReceived(chunk)
+        return self.transport.value()
+
+    def test_one_line(self) -> None:
+        self.assertEqual(self.send(b"hello world\n"), b"helloworld\x00")
+
+    def test_crlf_tolerated(self) -> None:
+        self.assertEqual(self.send(b"a b\r\n"), b"ab\x00")
+
+    def test_many_lines_in_one_segment_answered_in_order(self) -> None:
+        self.assertEqual(self.send(b"a 1\nb 2\n\nc 3\n"), b"a1\x00b2\x00\x00c3\x00")
+        self.assertEqual(self.stats.handled, 4)
+
+    def test_one_line_in_many_segments(self) -> None:
+        self.assertEqual(self.send(b"he", b"llo ", b"wor", b"ld", b"\r", b"\n"), b"helloworld\x00")
+
+    def test_partial_line_waits(self) -> None:
+        self.assertEqual(self.send(b"a b\nc d"), b"ab\x00")
+        self.assertEqual(self.send(b"\n"), b"ab\x00cd\x00")
+
+    def test_bytes_pass_through(self) -> None:
+        self.assertEqual(self.send(b"\xff \xfe\n"), b"\xff\xfe\x00")
+
+    def test_exit_closes_without_answer(self) -> None:
+        self.assertEqual(self.send(b"exit\n"), b"")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_lines_before_exit_answered_after_not(self) -> None:
+        self.assertEqual(self.send(b"a b\n quit \r\nc d\n"), b"ab\x00")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.send(b"more\n"), b"ab\x00")
+
+    def test_spaced_exit_is_just_a_line(self) -> None:
+        self.assertEqual(self.send(b"e x i t\n"), b"exit\x00")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_half_close_answers_last_line(self) -> None:
+        self.assertTrue(IHalfCloseableProtocol.providedBy(self.protocol))
+        self.send(b"one\nlast line")
+        self.protocol.readConnectionLost()
+        self.assertEqual(self.transport.value(), b"one\x00lastline\x00")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_half_close_after_exit_word_sends_nothing(self) -> None:
+        self.send(b"exit")
+        self.protocol.readConnectionLost()
+        self.assertEqual(self.transport.value(), b"")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_overlong_line_gets_error_and_close(self) -> None:
+        self.send(b"x" * 65 + b"\n")
+        self.assertEqual(self.transport.value(), b"error: line too long\r\n")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.stats.limits["max_line"], 1)
+
+    def test_overlong_line_without_lf_bounded(self) -> None:
+        self.send(b"y" * 40, b"y" * 40)
+        self.assertEqual(self.transport.value(), b"error: line too long\r\n")
+        self.assertEqual(self.protocol.wrappedProtocol._buffer, b"")
+
+    def test_line_at_the_limit_is_fine(self) -> None:
+        self.assertEqual(self.send(b"z" * 64 + b"\n"), b"z" * 64 + b"\x00")
+
+    def test_overlong_line_after_good_ones_in_one_block(self) -> None:
+        self.send(b"ok\n" + b"x" * 100 + b"\nnever\n")
+        self.assertEqual(self.transport.value(), b"ok\x00error: line too long\r\n")
+
+    def test_idle_client_disconnected(self) -> None:
+        self.clock.advance(299)
+        self.send(b"still here\n")
+        self.clock.advance(299)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(2)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.stats.limits["idle_timeout"], 1)
+
+
+class StripFactoryLimitTests(SynchronousTestCase):
+    def test_eleventh_client_told_and_dropped(self) -> None:
+        clock = Clock()
+        stats = ServiceStats("strip", "lines")
+        factory = GuardedFactory(
+            strip.StripFactory(64, stats), ConnectionPolicy(max_clients=10), stats, clock
+        )
+        clients = [connect(factory) for _ in range(10)]
+        self.assertEqual(stats.current, 10)
+        _extra, extra_transport = connect(factory)
+        self.assertEqual(extra_transport.value(), b"too many users\r\n")
+        self.assertTrue(extra_transport.disconnecting)
+        self.assertEqual(stats.limits["max_clients"], 1)
+        # the others are undisturbed
+        first, first_transport = clients[0]
+        first.dataReceived(b"a b\n")
+        self.assertEqual(first_transport.value(), b"ab\x00")
+        # one leaves; a newcomer gets in
+        first.connectionLost(None)
+        self.assertEqual(stats.current, 9)
+        newcomer, newcomer_transport = connect(factory)
+        newcomer.dataReceived(b"c d\n")
+        self.assertEqual(newcomer_transport.value(), b"cd\x00")
