@@ -8,6 +8,7 @@ on. The caller adds which option or key it was.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -99,6 +100,24 @@ def strings(value: Any) -> tuple[str, ...]:
     if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise ValueError(f"expected a list of strings, got {value!r}")
+
+
+def auth_descriptions(value: Any) -> tuple[str, ...]:
+    """strcred checker descriptions (``memory:alice:secret``), each one checked."""
+    from twisted.cred.strcred import makeChecker
+
+    descriptions = strings(value)
+    for description in descriptions:
+        kind, _, argument = description.partition(":")
+        if kind == "file" and not os.path.isfile(argument):
+            # strcred would only print a warning and then refuse everyone.
+            raise ValueError(f"file:{argument}: no such users file")
+        try:
+            makeChecker(description)
+        except Exception as error:  # strcred raises several kinds; all mean 'bad'
+            kind = description.split(":", 1)[0]
+            raise ValueError(f"bad checker {kind!r}: {error}") from None
+    return descriptions
 
 
 def port_number(value: Any) -> int:

@@ -37,7 +37,7 @@ class SuiteSettings:
     interface: str = option("127.0.0.1", checks.interface, "Address that bare port numbers listen on.")
     auth: tuple[str, ...] = option(
         (),
-        checks.strings,
+        checks.auth_descriptions,
         "Credential checker for chat logins and POP3, in Twisted's strcred syntax "
         "(memory:USER:PASS, file:PATH, unix); repeatable. See --help-auth.",
     )

@@ -75,4 +75,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
 
 def makeService(options: Options) -> Any:
-    return make_service(options.settings, config_path=options.config_path)
+    # Settings that are only checkable while building (a service refusing its
+    # combination of options) end the start the same way as a bad option.
+    try:
+        return make_service(options.settings, config_path=options.config_path)
+    except ConfigError as error:
+        raise SystemExit(f"{COMMAND}: error: {error}") from None
