@@ -199,9 +199,9 @@ class DatagramLog:
 class UdpResponder(DatagramProtocol):
     """Answers each datagram with ``answer(datagram, now)``, within the limits.
 
-    The checks run from the cheapest and most certain: loop protection, then
-    no-amplify, then the rate limit, so that a source's tokens are spent only
-    on answers actually sent.
+    Loop protection and no-amplify come before the rate limit, so a source's
+    tokens are spent only on answers; the answer is made after it (unless
+    no-amplify needs its length), so a flood is dropped at the least cost.
     """
 
     noisy = False  # the Listener says where it listens
@@ -228,6 +228,7 @@ class UdpResponder(DatagramProtocol):
         budget = TokenBucket(log_rate[0], log_rate[1], clock.seconds) if log_rate[0] else None
         self.journal = DatagramLog(stats.name, budget, clock)
         self.refused_ports = SMALL_SERVICE_PORTS
+        self._over_rate = f"over {rate[0]:g} answers/s (burst {rate[1]:g}) for this address"
 
     def startProtocol(self) -> None:
         own = self.transport.getHost().port
@@ -252,23 +253,19 @@ class UdpResponder(DatagramProtocol):
         counters["received"] += 1
         port = addr[1]
         if port in self.refused_ports:
-            return self._refuse(
-                "loop_protection", addr, datagram, f"source port {port} is a small-service port"
-            )
-        reply = self.answer(datagram, self.clock.seconds())
-        if self.no_amplify and len(reply) > len(datagram):
-            return self._refuse(
-                "no_amplify",
-                addr,
-                datagram,
-                f"the answer ({len(reply)} bytes) is longer than the datagram ({len(datagram)} bytes)",
-            )
+            return self._refuse("loop_protection", addr, datagram, self._loop_reason(port))
+        reply = None
+        if self.no_amplify:
+            reply = self.answer(datagram, self.clock.seconds())
+            if len(reply) > len(datagram):
+                why = f"the answer ({len(reply)} bytes) is longer than the datagram ({len(datagram)} bytes)"
+                return self._refuse("no_amplify", addr, datagram, why)
         if not self.buckets.allow(addr[0]):
             counters["rate_limited"] += 1
             stats.limit_hit("rate")
-            speed, burst = self.rate
-            why = f"over {speed:g} answers/s (burst {burst:g}) for {addr[0]}"
-            return self.journal.unanswered("rate", addr, datagram, why)
+            return self.journal.unanswered("rate", addr, datagram, self._over_rate)
+        if reply is None:
+            reply = self.answer(datagram, self.clock.seconds())
         try:
             self.transport.write(reply, addr)
         except (OSError, MessageLengthError, InvalidAddressError) as error:
@@ -281,6 +278,13 @@ class UdpResponder(DatagramProtocol):
         stats.bytes_out += len(reply)
         counters["answered"] += 1
         self.journal.answered(addr, datagram)
+
+    def _loop_reason(self, port: int) -> str:
+        if port == 0:
+            return "source port 0 cannot be answered"
+        if port in SMALL_SERVICE_PORTS:
+            return f"source port {port} is a small service's (loop protection)"
+        return f"source port {port} is this responder's own (loop protection)"
 
     def _refuse(self, kind: str, addr: Any, datagram: bytes, why: str) -> None:
         self.stats.counters["refused"] += 1

@@ -212,6 +212,27 @@ class RateLimitTests(ResponderTestCase):
             protocol.datagramReceived(b"x", (f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}", 5000))
         self.assertLessEqual(len(protocol.buckets), 100)
 
+    def test_dropped_datagrams_cost_no_answer(self) -> None:
+        made: list[bytes] = []
+
+        def answer(datagram: bytes, now: float) -> bytes:
+            made.append(datagram)
+            return datagram
+
+        protocol = udp.UdpResponder(answer, self.stats, self.clock)
+        protocol.makeConnection(FakeDatagramTransport())
+        for _ in range(100):
+            protocol.datagramReceived(b"x", PEER)
+        self.assertEqual(len(made), 40)
+
+    def test_no_amplify_refusals_spend_no_tokens(self) -> None:
+        protocol, transport = self.responder(no_amplify=True)
+        for _ in range(100):
+            protocol.datagramReceived(b"short", PEER)
+        for _ in range(100):
+            protocol.datagramReceived(b"x" * 40, PEER)
+        self.assertEqual(len(transport.sent), 40)
+
     def test_rate_zero_turns_the_limit_off(self) -> None:
         protocol, transport = self.responder(rate=(0.0, 0.0))
         for _ in range(1000):
@@ -225,7 +246,22 @@ class LoopProtectionTests(ResponderTestCase):
             self.assertEqual(self.send(b"x", ("127.0.0.1", port)), [], port)
         self.assertEqual(self.counters(), {"received": 7, "refused": 7})
         self.assertEqual(self.stats.limits["loop_protection"], 7)
+        reasons = [x.split("not answered: ")[1] for x in self.log_lines() if "not answered" in x]
+        self.assertEqual(reasons, ["source port 0 cannot be answered"])  # one line per kind and interval
+        self.clock.advance(udp.SUMMARY_INTERVAL)
+        self.send(b"x", ("127.0.0.1", 13))
+        self.clock.advance(udp.SUMMARY_INTERVAL)
+        self.send(b"x", ("127.0.0.1", 9002))
+        reasons = [x.split("not answered: ")[1] for x in self.log_lines() if "not answered" in x]
+        self.assertEqual(
+            reasons[1:],
+            [
+                "source port 13 is a small service's (loop protection)",
+                "source port 9002 is this responder's own (loop protection)",
+            ],
+        )
         self.assertEqual(len(self.send(b"x", ("127.0.0.1", 1024))), 1)
+        self.assertEqual(self.counters(), {"received": 10, "refused": 9, "answered": 1})
 
     def test_own_port_is_the_bound_one(self) -> None:
         protocol, transport = self.responder(FakeDatagramTransport(port=41234))
@@ -294,7 +330,7 @@ class FloodLogTests(ResponderTestCase):
         self.events.clear()
         self.send(b"x", count=3000)
         self.assertEqual(len(self.events), 40 + 1)  # 40 answers, then the first drop
-        self.assertIn("not answered: over 20 answers/s (burst 40) for 127.0.0.1", self.log_lines()[-1])
+        self.assertIn("not answered: over 20 answers/s (burst 40) for this address", self.log_lines()[-1])
         self.clock.advance(udp.SUMMARY_INTERVAL)
         self.assertEqual(
             self.log_lines()[-1],
