@@ -87,6 +87,16 @@ class UdpSettings:
     no_amplify: bool = option(
         False, checks.flag, "Never answer with more bytes than the datagram had.", flag=True
     )
+    max_sources: int = option(
+        10000,
+        checks.positive,
+        "Most source addresses whose UDP rate is tracked at once (the least recent are forgotten).",
+    )
+    log_rate: tuple[float, float] = option(
+        (50.0, 100.0),
+        checks.rate,
+        "Datagrams logged one line each per second, RATE[/BURST]; the rest are summed up (0: all).",
+    )
 
 
 @dataclass(frozen=True)
