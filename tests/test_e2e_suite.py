@@ -186,17 +186,14 @@ class BadConfigurationTests(SynchronousTestCase):
             self.assertFalse(Path(folder, "twistd.pid").exists())
 
     def test_no_half_started_suite(self) -> None:
-        """A taken chat port stops the strip server that did start."""
-        from sockproto.service import BUILDERS
-
-        if "chat" not in BUILDERS:
-            self.skipTest("the chat service is not built yet")
-        with socket.socket() as taken:
+        """A taken UDP port stops the strip server that did start."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
             taken.bind(("127.0.0.1", 0))
-            taken.listen()
             port = taken.getsockname()[1]
             result = run_twistd(
-                ["-n", "--pidfile", "", "sockproto", *ALL_OFF, "--port", "0", "--chat-port", str(port)]
+                ["-n", "--pidfile", "", "sockproto", *ALL_OFF, "--port", "0", "--udp-port", str(port)]
             )
             self.assertNotEqual(result.returncode, 0)
+            self.assertIn("udp: cannot listen on", result.stderr)
+            self.assertIn("strip listening on", result.stdout)
             self.assertNotIn("sockproto ready", result.stdout)
