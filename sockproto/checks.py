@@ -8,6 +8,7 @@ on. The caller adds which option or key it was.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -71,6 +72,14 @@ def text(value: Any) -> str:
 def optional_path(value: Any) -> str:
     """A file or folder name; empty means 'not set'."""
     return text(value).strip()
+
+
+def optional_folder(value: Any) -> str:
+    """An existing folder; empty means 'not set'."""
+    path = optional_path(value)
+    if path and not os.path.isdir(path):
+        raise ValueError(f"no such folder: {path!r}")
+    return path
 
 
 def interface(value: Any) -> str:
