@@ -102,7 +102,7 @@ class HttpSettings:
     idle_timeout: float = option(
         60.0,
         checks.seconds,
-        "Close an HTTP connection idle, or with a request still incomplete, after so many seconds "
+        "Seconds an HTTP connection may sit idle, take to send one request, or go without reading "
         "(0: never).",
     )
     max_body: int = option(

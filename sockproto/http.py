@@ -649,6 +649,10 @@ class ResponderSite(server.Site):
         self.max_body = max_body
         self.idle_timeout = idle_timeout
 
+    def acceptableProtocols(self) -> list[bytes]:
+        """Only HTTP/1.1 over TLS too: the channel above is not twisted.web's HTTP/2 one."""
+        return [b"http/1.1"]
+
     def startFactory(self) -> None:
         super().startFactory()
         if not self.logPath:

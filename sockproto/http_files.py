@@ -100,6 +100,10 @@ class SafeFile(static.File):
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
         if is_hidden(path) or b"\0" in path:
             return self.childNotFound
+        if not path and request.postpath:
+            # An empty segment inside the path (/files//etc/passwd): an
+            # absolute path, not the folder's index or listing.
+            return self.childNotFound
         try:
             path.decode("utf-8")
         except UnicodeDecodeError:
