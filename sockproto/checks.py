@@ -74,6 +74,14 @@ def optional_path(value: Any) -> str:
     return text(value).strip()
 
 
+def optional_folder(value: Any) -> str:
+    """An existing folder; empty means 'not set'."""
+    path = optional_path(value)
+    if path and not os.path.isdir(path):
+        raise ValueError(f"no such folder: {path!r}")
+    return path
+
+
 def interface(value: Any) -> str:
     address = text(value).strip()
     try:

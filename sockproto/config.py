@@ -105,12 +105,19 @@ class HttpSettings:
     message: str = option(
         "", checks.text, "Body of GET / (none: a greeting naming sockproto and its version)."
     )
-    root: str = option("", checks.optional_path, "Folder served under /files/ (none: /files/ is off).")
+    root: str = option("", checks.optional_folder, "Folder served under /files/ (none: /files/ is off).")
     listing: bool = option(False, checks.flag, "List folders under /files/.", flag=True)
     access_log: str = option("", checks.optional_path, "Access log file (none: the twistd log).")
     max_clients: int = option(1000, checks.count, "Most HTTP connections at once (0: no cap).")
-    idle_timeout: float = option(60.0, checks.seconds, "Close an idle HTTP connection after so many seconds.")
-    max_body: int = option(1024 * 1024, checks.byte_size, "Largest request body, in bytes (413 above).")
+    idle_timeout: float = option(
+        60.0,
+        checks.seconds,
+        "Seconds an HTTP connection may sit idle, take to send one request, or go without reading "
+        "(0: never).",
+    )
+    max_body: int = option(
+        1024 * 1024, checks.byte_size, "Largest request body, in bytes (413 above; 0: no body at all)."
+    )
 
 
 @dataclass(frozen=True)

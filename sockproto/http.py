@@ -1,0 +1,704 @@
+"""The mini HTTP responder: a small, safe twisted.web site for testing HTTP clients and
+watching the suite.
+
+Routes: ``/`` (a fixed message), ``/files/`` (static files, see :mod:`sockproto.http_files`),
+``/status`` and ``/metrics`` (the suite's counters as JSON and in the Prometheus
+format), and an httpbin-like set: ``/anything``, ``/status/CODE``, ``/delay/S``,
+``/bytes/N``, ``/headers``, ``/ip``.
+
+twisted.web does the HTTP; this module adds the limits it lacks:
+
+- a deadline per request: twisted.web restarts its idle timer on every byte, so
+  a request dripped a byte a minute would hold a connection for days;
+- a send timeout: twisted.web stops its timer while a response is under way, so
+  a client that never reads would hold its connection for ever;
+- a body cap enforced while the body arrives (twisted.web buffers the whole
+  body before a resource sees it);
+- one log line for each client mistake (twisted.web answers them silently).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from io import BytesIO
+from typing import Any
+from urllib.parse import parse_qs
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector, CollectorRegistry
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IPullProducer
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.python.logfile import LogFile
+from twisted.web import http, resource, server
+from twisted.web.http import HTTPChannel
+from zope.interface import implementer
+
+from sockproto import __version__
+from sockproto.config import HttpSettings, Settings
+from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, SafeFile
+from sockproto.limits import ConnectionPolicy, peer_of
+from sockproto.listening import Listener, StartupError, stream_listener
+from sockproto.stats import ServiceStats, Stats
+from sockproto.text import loggable
+
+log = Logger(namespace="sockproto")
+
+MAX_DELAY = 10.0
+MAX_BYTES = 10 * 1024 * 1024
+CHUNK = 64 * 1024
+# The access log file rotates (twisted.python.logfile) so it cannot fill a disk.
+ACCESS_LOG_ROTATE = 10 * 1000 * 1000
+ACCESS_LOG_KEEP = 9
+ROUTES = "/ /files/ /status /metrics /anything /status/CODE /delay/SECONDS /bytes/N /headers /ip"
+ANY_METHOD = None
+
+
+def greeting(message: str) -> bytes:
+    """The body of ``GET /``: the configured message, or one naming us, ending in a newline."""
+    text = message or f"Hello from sockproto {__version__}, the mini HTTP responder."
+    return (text if text.endswith("\n") else text + "\n").encode("utf-8")
+
+
+def plain_response(code: int, text: str) -> bytes:
+    """A whole ``Connection: close`` response, for answers given outside a Request."""
+    body = text.encode("utf-8")
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (code, http.RESPONSES.get(code, b"Error")),
+            b"Content-Type: text/plain; charset=utf-8\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: close\r\n\r\n",
+            body,
+        ]
+    )
+
+
+OVERFLOW = plain_response(503, "too many connections, try again later\n")
+
+
+def decoded(data: bytes) -> str:
+    """UTF-8 where it is, else Latin-1 (what HTTP says header bytes are): never lossy."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def parse_status_code(segment: bytes) -> int | None:
+    """``b"418"`` -> 418; None unless a final status (200-599)."""
+    if re.fullmatch(rb"[2-5]\d\d", segment):
+        return int(segment)
+    return None
+
+
+def parse_delay(segment: bytes) -> float | None:
+    """``b"1.5"`` -> 1.5; None unless a number of seconds from 0 to :data:`MAX_DELAY`."""
+    if re.fullmatch(rb"\d{1,6}(\.\d{1,6})?", segment) and float(segment) <= MAX_DELAY:
+        return float(segment)
+    return None
+
+
+def parse_size(segment: bytes) -> int | None:
+    """``b"1024"`` -> 1024; None unless a whole number from 0 to :data:`MAX_BYTES`."""
+    if re.fullmatch(rb"\d{1,9}", segment) and int(segment) <= MAX_BYTES:
+        return int(segment)
+    return None
+
+
+def headers_of(request: Any) -> dict[str, str]:
+    """Request headers by name; a repeated header's values joined with ``, ``."""
+    return {
+        decoded(name): ", ".join(decoded(value) for value in values)
+        for name, values in request.requestHeaders.getAllRawHeaders()
+    }
+
+
+def query_of(uri: bytes) -> dict[str, list[str]]:
+    _, _, query = uri.partition(b"?")
+    return parse_qs(query.decode("latin-1"), keep_blank_values=True, errors="replace")
+
+
+def origin_of(request: Any) -> str:
+    """The client's address (the peer of the connection; no header is trusted)."""
+    address = request.getClientAddress()
+    return getattr(address, "host", None) or "local"
+
+
+def echo(request: Any) -> dict[str, Any]:
+    """The request as ``/anything`` shows it; the body is whole (it is capped on arrival)."""
+    request.content.seek(0)
+    body = request.content.read()
+    shown: dict[str, Any] = {
+        "method": decoded(request.method),
+        "path": decoded(request.path),
+        "query": query_of(request.uri),
+        "headers": headers_of(request),
+        "origin": origin_of(request),
+        "body_length": len(body),
+    }
+    try:
+        shown["body"] = body.decode("utf-8")
+    except UnicodeDecodeError:
+        shown["body"] = None
+        shown["body_base64"] = base64.b64encode(body).decode("ascii")
+    return shown
+
+
+def as_json(request: Any, value: Any) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(value, indent=2).encode("ascii") + b"\n"
+
+
+# -- routes -------------------------------------------------------------------------
+
+
+class Route(resource.Resource):
+    """Answers ``methods`` with what :meth:`respond` returns; HEAD gets the headers only.
+
+    twisted.web would answer HEAD by rendering GET and logging a warning each
+    time; a wrong method gets its HTML page. Here both are plain.
+    """
+
+    isLeaf = True
+    methods: tuple[bytes, ...] | None = (b"GET", b"HEAD")
+    takes_subpath = False  # does /route/more/segments mean this route?
+
+    def render(self, request: Any) -> Any:
+        if request.postpath and self.isLeaf and not self.takes_subpath:
+            return NOT_FOUND.render(request)
+        if self.methods is not ANY_METHOD and request.method not in self.methods:
+            allowed = b", ".join(self.methods)
+            return PlainPage(
+                405, f"method not allowed; use {allowed.decode()}\n", {b"allow": allowed}
+            ).render(request)
+        body = self.respond(request)
+        if body is server.NOT_DONE_YET:
+            return body
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
+
+    def respond(self, request: Any) -> Any:
+        raise NotImplementedError
+
+
+class Greeting(Route):
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.body = greeting(message)
+
+    def respond(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return self.body
+
+
+class Status(Route):
+    """``/status``: the suite's counters as JSON; ``/status/CODE`` answers with CODE."""
+
+    isLeaf = False
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self.stats = stats
+
+    def respond(self, request: Any) -> bytes:
+        request.setHeader(b"cache-control", b"no-store")
+        return as_json(request, self.stats.snapshot())
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        code = parse_status_code(path)
+        if code is None:
+            return PlainPage(400, "bad request: /status/CODE takes a status from 200 to 599\n")
+        return StatusCode(code)
+
+
+class StatusCode(Route):
+    methods = ANY_METHOD
+
+    def __init__(self, code: int) -> None:
+        super().__init__()
+        self.code = code
+
+    def respond(self, request: Any) -> Any:
+        request.setResponseCode(self.code)
+        if self.code in http.NO_BODY_CODES:
+            # Finished here: twisted.web's render would add Content-Length: 0,
+            # which a 204 must not carry.
+            request.write(b"")
+            request.finish()
+            return server.NOT_DONE_YET
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"%d %s\n" % (self.code, request.code_message)
+
+
+class Metrics(Route):
+    """``/metrics`` in the Prometheus text format (or OpenMetrics, if the scraper asks).
+
+    Rendering runs in the reactor thread, like every other route, so it reads
+    the counters between two events and never sees one half updated.
+    """
+
+    def __init__(self, stats: Stats) -> None:
+        super().__init__()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StatsCollector(stats))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+
+    def respond(self, request: Any) -> bytes:
+        accept = request.getHeader(b"accept") or b""
+        encode, content_type = choose_encoder(accept.decode("latin-1"))
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return encode(self.registry)
+
+
+class Anything(Route):
+    """``/anything[/...]``: any method; the request comes back as JSON."""
+
+    methods = ANY_METHOD
+    takes_subpath = True
+
+    def respond(self, request: Any) -> bytes:
+        return as_json(request, echo(request))
+
+
+class Headers(Route):
+    def respond(self, request: Any) -> bytes:
+        return as_json(request, {"headers": headers_of(request)})
+
+
+class Ip(Route):
+    def respond(self, request: Any) -> bytes:
+        return as_json(request, {"origin": origin_of(request)})
+
+
+class WithParameter(resource.Resource):
+    """``/NAME/VALUE``: ``parse`` checks VALUE, ``make`` builds the route that answers."""
+
+    def __init__(self, usage: str, parse: Callable[[bytes], Any], make: Callable[[Any], resource.Resource]):
+        super().__init__()
+        self.usage = usage
+        self.parse = parse
+        self.make = make
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        value = self.parse(path)
+        if value is None:
+            return PlainPage(400, f"bad request: {self.usage}\n")
+        return self.make(value)
+
+    def render(self, request: Any) -> bytes:
+        return PlainPage(404, f"not found; use {self.usage}\n").render(request)
+
+
+class Delay(Route):
+    """Answers like ``/anything`` after ``seconds``, without blocking the reactor."""
+
+    methods = ANY_METHOD
+
+    def __init__(self, seconds: float, clock: Any) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.clock = clock
+
+    def respond(self, request: Any) -> Any:
+        waiting = deferLater(self.clock, self.seconds, self.answer, request)
+        waiting.addErrback(lambda failure: failure.trap(CancelledError))
+        # A client that leaves early cancels the timer: nothing is written to it.
+        request.notifyFinish().addErrback(lambda _: waiting.cancel())
+        return server.NOT_DONE_YET
+
+    def answer(self, request: Any) -> None:
+        body = as_json(request, echo(request))
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+
+class RandomBytes(Route):
+    """``/bytes/N``: N random bytes, made as the client reads them, never all in memory."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def respond(self, request: Any) -> Any:
+        request.setHeader(b"content-type", b"application/octet-stream")
+        if request.method == b"HEAD":
+            request.setHeader(b"content-length", b"%d" % self.size)
+            request.write(b"")
+            request.finish()
+            return server.NOT_DONE_YET
+        request.setHeader(b"content-length", b"%d" % self.size)
+        RandomBytesProducer(request, self.size).start()
+        return server.NOT_DONE_YET
+
+
+@implementer(IPullProducer)
+class RandomBytesProducer:
+    """Writes one chunk each time the connection asks for more (as static.File does)."""
+
+    def __init__(self, request: Any, size: int, chunk: int = CHUNK) -> None:
+        self.request: Any = request
+        self.remaining = size
+        self.chunk = chunk
+
+    def start(self) -> None:
+        self.request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        request = self.request
+        if request is None:
+            return
+        if self.remaining:
+            size = min(self.chunk, self.remaining)
+            self.remaining -= size
+            request.write(os.urandom(size))
+        else:
+            self.request = None
+            request.unregisterProducer()
+            request.finish()
+
+    def stopProducing(self) -> None:
+        self.request = None
+
+
+class Root(resource.Resource):
+    """Unknown paths get a 404 that lists the routes."""
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+        return PlainPage(404, f"not found; routes: {ROUTES}\n")
+
+
+def make_root(settings: HttpSettings, stats: Stats, clock: Any) -> Root:
+    root = Root()
+    root.putChild(b"", Greeting(settings.message))
+    files = SafeFile.serving(settings.root, settings.listing) if settings.root else FILES_OFF
+    root.putChild(b"files", files)
+    root.putChild(b"status", Status(stats))
+    root.putChild(b"metrics", Metrics(stats))
+    root.putChild(b"anything", Anything())
+    root.putChild(b"headers", Headers())
+    root.putChild(b"ip", Ip())
+    root.putChild(
+        b"delay",
+        WithParameter(
+            f"/delay/SECONDS, from 0 to {MAX_DELAY:g}", parse_delay, lambda seconds: Delay(seconds, clock)
+        ),
+    )
+    root.putChild(b"bytes", WithParameter(f"/bytes/N, N from 0 to {MAX_BYTES}", parse_size, RandomBytes))
+    return root
+
+
+# -- /metrics -----------------------------------------------------------------------
+
+
+class StatsCollector(Collector):
+    """The one :class:`Stats` object as Prometheus metrics, read at each scrape."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def describe(self) -> list[Metric]:
+        # Names depend on which services run: do not collect at registration.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats
+        yield InfoMetricFamily("sockproto", "The sockproto version.", value={"version": __version__})
+        yield GaugeMetricFamily(
+            "sockproto_uptime_seconds", "Seconds since the suite started.", stats.uptime()
+        )
+        by_service = ["service"]
+        listening = GaugeMetricFamily(
+            "sockproto_listening", "1 for each address a service listens on.", labels=["service", "address"]
+        )
+        current = GaugeMetricFamily("sockproto_connections_open", "Connections open now.", labels=by_service)
+        total = CounterMetricFamily(
+            "sockproto_connections", "Connections (UDP: datagrams) ever.", labels=by_service
+        )
+        handled = CounterMetricFamily(
+            "sockproto_handled", "Lines, requests, datagrams or commands handled.", labels=["service", "unit"]
+        )
+        received = CounterMetricFamily("sockproto_received_bytes", "Bytes received.", labels=by_service)
+        sent = CounterMetricFamily("sockproto_sent_bytes", "Bytes sent.", labels=by_service)
+        limits = CounterMetricFamily(
+            "sockproto_limit_hits", "Times a limit was hit.", labels=["service", "limit"]
+        )
+        events = CounterMetricFamily(
+            "sockproto_events", "Service-specific counters.", labels=["service", "event"]
+        )
+        for name, service in stats.services.items():
+            for address in service.listening:
+                listening.add_metric([name, address], 1)
+            current.add_metric([name], service.current)
+            total.add_metric([name], service.total)
+            handled.add_metric([name, service.unit], service.handled)
+            received.add_metric([name], service.bytes_in)
+            sent.add_metric([name], service.bytes_out)
+            for limit, times in sorted(service.limits.items()):
+                limits.add_metric([name, limit], times)
+            for event, times in sorted(service.counters.items()):
+                events.add_metric([name, event], times)
+        yield from (listening, current, total, handled, received, sent, limits, events)
+
+
+# -- the site, its channel and its requests -----------------------------------------
+
+
+class ResponderChannel(HTTPChannel):
+    """twisted.web's HTTP/1.1 connection with the limits of the module docstring."""
+
+    site: ResponderSite
+    _receiving = False  # part of a request is in: its deadline runs
+    _stall_call: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        # HTTPChannel restarts the timer on every chunk; start it only at a
+        # request's first byte, so the whole request must arrive in time.
+        if not self._receiving:
+            self._receiving = True
+            self.resetTimeout()
+        LineReceiver.dataReceived(self, data)
+
+    def allContentReceived(self) -> None:
+        self._receiving = False
+        super().allContentReceived()
+
+    def timeoutConnection(self) -> None:
+        seconds = self.site.idle_timeout
+        if self._receiving:
+            self.site.service_stats.limit_hit("request_timeout")
+            log.info(
+                "http: closing {peer}: request incomplete after {seconds:g} s",
+                peer=peer_of(self.transport),
+                seconds=seconds,
+            )
+            self.refuse(408, f"request timeout: send a whole request within {seconds:g} s\n")
+            return
+        self.site.service_stats.limit_hit("idle_timeout")
+        log.info(
+            "http: closing {peer}: idle for {seconds:g} s", peer=peer_of(self.transport), seconds=seconds
+        )
+        # The suite's guard aborts the connection if the close does not
+        # complete (twisted.web would schedule its own abort).
+        self.loseConnection()
+
+    def pauseProducing(self) -> None:
+        """The client's receive window is full: it has that long to read some of it."""
+        super().pauseProducing()
+        if self._stall_call is None and self.site.idle_timeout:
+            self._stall_call = self.callLater(self.site.idle_timeout, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._cancel_stall()
+        super().resumeProducing()
+
+    def _stalled(self) -> None:
+        self._stall_call = None
+        self.site.service_stats.limit_hit("send_timeout")
+        log.info(
+            "http: closing {peer}: read nothing for {seconds:g} s",
+            peer=peer_of(self.transport),
+            seconds=self.site.idle_timeout,
+        )
+        self.transport.abortConnection()
+
+    def _cancel_stall(self) -> None:
+        if self._stall_call is not None:
+            if self._stall_call.active():
+                self._stall_call.cancel()
+            self._stall_call = None
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would close without a word.
+        first = not self.requests  # no request yet: this is its request line
+        what = "request line" if first else "header line"
+        self.site.service_stats.limit_hit("header_size")
+        log.info(
+            "http: closing {peer}: {what} over {limit} bytes",
+            peer=peer_of(self.transport),
+            what=what,
+            limit=self.MAX_LENGTH,
+        )
+        self.refuse(414 if first else 431, f"{what} longer than {self.MAX_LENGTH} bytes\n")
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # twisted.web's own answer to a malformed request is a bare 400 and
+        # no log line; same status, but say it to the client and the log.
+        self.site.service_stats.counters["bad_requests"] += 1
+        log.info("http: closing {peer}: malformed request", peer=peer_of(self.transport))
+        self.refuse(400, "bad request: malformed HTTP\n")
+
+    def refuse(self, code: int, text: str) -> None:
+        """Answer ``code`` outside any Request, then close."""
+        if self.transport.disconnecting:
+            return
+        self.transport.write(plain_response(code, text))
+        self.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_stall()
+        super().connectionLost(reason)
+
+    def server_stopping(self) -> bytes:
+        """The suite stops: the guard closes the connection once its output is out."""
+        return b""
+
+
+class ResponderRequest(server.Request):
+    """Counts requests and caps the body as it arrives."""
+
+    channel: ResponderChannel
+    _body_size = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.channel.site.max_body:
+            self.content = BytesIO()  # stays empty: the body is refused
+            self._refuse_body(f"of {length} bytes")
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._body_size += len(data)
+        if self._body_size > self.channel.site.max_body:
+            self._refuse_body("")
+            return
+        super().handleContentChunk(data)
+
+    def _refuse_body(self, size: str) -> None:
+        self._refused = True
+        # twisted.web answers "Expect: 100-continue" right after gotLength:
+        # it must not follow a 413.
+        self.requestHeaders.removeHeader(b"expect")
+        site = self.channel.site
+        site.service_stats.limit_hit("max_body")
+        log.info(
+            "http: closing {peer}: request body {size} over {limit} bytes",
+            peer=peer_of(self.channel.transport),
+            size=size or "(chunked)",
+            limit=site.max_body,
+        )
+        self.channel.refuse(413, f"request body over {site.max_body} bytes (--http-max-body)\n")
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        self.channel.site.service_stats.handled += 1
+        if not self.path.startswith(b"/") and self.path != b"*":
+            log.info(
+                "http: 400 to {peer}: request target {target} is not a path",
+                peer=peer_of(self.channel.transport),
+                target=loggable(self.path),
+            )
+            self.site = self.channel.site
+            body = PlainPage(400, "bad request: the request target must be a path starting with /\n")
+            self.write(body.render(self))
+            self.finish()
+            return
+        super().process()
+
+
+class TwistdAccessLog:
+    """Access log lines into the twistd log, through twisted.logger."""
+
+    def write(self, line: str) -> None:
+        log.info("http: {access}", access=line.rstrip("\n"))
+
+    def close(self) -> None:
+        """Nothing to close: the twistd log is not ours."""
+
+
+class ResponderSite(server.Site):
+    protocol = ResponderChannel  # type: ignore[assignment]
+    requestFactory = ResponderRequest
+
+    def __init__(
+        self,
+        root: resource.Resource,
+        service_stats: ServiceStats,
+        *,
+        max_body: int,
+        idle_timeout: float,
+        access_log: str = "",
+        reactor: Any = None,
+    ) -> None:
+        super().__init__(
+            root,
+            logPath=access_log or None,
+            timeout=idle_timeout or None,
+            reactor=reactor,
+            parsePOSTFormSubmission=False,
+        )
+        self.service_stats = service_stats
+        self.max_body = max_body
+        self.idle_timeout = idle_timeout
+
+    def acceptableProtocols(self) -> list[bytes]:
+        """Only HTTP/1.1 over TLS too: the channel above is not twisted.web's HTTP/2 one."""
+        return [b"http/1.1"]
+
+    def startFactory(self) -> None:
+        super().startFactory()
+        if not self.logPath:
+            self.logFile = TwistdAccessLog()
+
+    def _openLogFile(self, path: str) -> Any:
+        try:
+            return LogFile(
+                os.path.basename(path),
+                os.path.dirname(path),
+                rotateLength=ACCESS_LOG_ROTATE,
+                maxRotatedFiles=ACCESS_LOG_KEEP,
+            )
+        except OSError as error:
+            raise StartupError(f"cannot open access log {path}: {error.strerror}") from None
+
+    def log(self, request: Any) -> None:
+        self.service_stats.counters[f"responses_{request.code // 100}xx"] += 1
+        super().log(request)
+
+
+def build_site(
+    settings: HttpSettings, stats: Stats, service_stats: ServiceStats, reactor: Any
+) -> ResponderSite:
+    return ResponderSite(
+        make_root(settings, stats, reactor),
+        service_stats,
+        max_body=settings.max_body,
+        idle_timeout=settings.idle_timeout,
+        access_log=settings.access_log,
+        reactor=reactor,
+    )
+
+
+def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
+    """The HTTP responder as configured, or None when its port is off.
+
+    The guard gives the connection cap and the counters; the idle timeout is
+    twisted.web's (see :class:`ResponderChannel`), which knows when a request
+    is being answered: the guard's would cut a long download or a /delay.
+    """
+    if settings.http.port == "off":
+        return None
+    service_stats = stats.service("http", "requests")
+    policy = ConnectionPolicy(max_clients=settings.http.max_clients, overflow_message=OVERFLOW)
+    site = build_site(settings.http, stats, service_stats, reactor)
+    return stream_listener(
+        "http", settings.http.port, settings.suite.interface, site, policy, service_stats, reactor
+    )

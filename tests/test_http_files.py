@@ -1,0 +1,205 @@
+"""Static files: which resource each request path reaches, and what it answers.
+
+Paths are split and decoded the way twisted.web's Request does it, so every
+encoding of ``..`` and ``/`` arrives here as a real client's would. Serving a
+file's bytes needs the reactor (static.File streams with a producer): the
+end-to-end tests do that with curl.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import resource
+
+from sockproto import checks, http
+from sockproto.config import HttpSettings
+from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, SafeFile
+from sockproto.stats import Stats
+from tests.support import temp_dir
+from tests.test_http import Harness
+
+ESCAPES = [
+    "/files/../outside/secret.txt",
+    "/files/%2e%2e/outside/secret.txt",
+    "/files/%2E%2E/outside/secret.txt",
+    "/files/..%2foutside%2fsecret.txt",
+    "/files/%2e%2e%2foutside%2fsecret.txt",
+    "/files/sub/../../outside/secret.txt",
+    "/files/sub/..%2f..%2foutside%2fsecret.txt",
+    "/files/%2fetc%2fpasswd",
+    "/files//etc/passwd",
+    "/files/sub//etc/passwd",
+    "/files/link_out",
+    "/files/abs_out",
+    "/files/dir_out/secret.txt",
+    "/files/sub/link_up",
+    "/files/.hidden",
+    "/files/.git/config",
+    "/files/sub/.hidden",
+    "/files/%2ehidden",
+    "/files/fifo",
+    "/files/loop",
+    "/files/a.txt%00",
+    "/files/%ff",
+    "/files/a.txt/more",
+    "/files/missing.txt",
+]
+
+
+def make_tree(test: SynchronousTestCase) -> str:
+    """A root with files, dotfiles, a FIFO and symlinks in and out; returns its parent."""
+    top = temp_dir(test)
+    root = os.path.join(top, "root")
+    outside = os.path.join(top, "outside")
+    os.makedirs(os.path.join(root, "sub"))
+    os.makedirs(os.path.join(root, ".git"))
+    os.makedirs(outside)
+    files = {
+        "outside/secret.txt": "secret\n",
+        "root/a.txt": "hello\n",
+        "root/.hidden": "hidden\n",
+        "root/.git/config": "[core]\n",
+        "root/sub/b.txt": "bee\n",
+        "root/sub/.hidden": "hidden\n",
+        "root/caf\u00e9.txt": "coffee\n",
+    }
+    for name, text in files.items():
+        with open(os.path.join(top, name), "w", encoding="utf-8") as file:
+            file.write(text)
+    os.symlink("a.txt", os.path.join(root, "link_in"))
+    os.symlink("sub", os.path.join(root, "dir_in"))
+    os.symlink("../outside/secret.txt", os.path.join(root, "link_out"))
+    os.symlink(os.path.join(outside, "secret.txt"), os.path.join(root, "abs_out"))
+    os.symlink("../outside", os.path.join(root, "dir_out"))
+    os.symlink("../..", os.path.join(root, "sub", "link_up"))
+    os.symlink("loop", os.path.join(root, "loop"))
+    os.symlink("root", os.path.join(top, "root_link"))
+    os.mkfifo(os.path.join(root, "fifo"))
+    return top
+
+
+def resolve(root: resource.Resource, target: str) -> tuple[resource.Resource, Any]:
+    """The resource twisted.web would render for ``target`` (as server.Request splits it)."""
+    path = target.encode("ascii")
+    request = SimpleNamespace(prepath=[], postpath=[unquote_to_bytes(s) for s in path[1:].split(b"/")])
+    return resource.getChildForRequest(root, request), request
+
+
+class ResolutionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.top = make_tree(self)
+        self.real_root = os.path.realpath(os.path.join(self.top, "root"))
+        self.root = http.make_root(HttpSettings(root=os.path.join(self.top, "root")), Stats(), None)
+
+    def served(self, target: str) -> str:
+        found, _ = resolve(self.root, target)
+        self.assertIsInstance(found, SafeFile, target)
+        return os.path.relpath(found.path, self.real_root)
+
+    def test_files_inside_served(self) -> None:
+        self.assertEqual(self.served("/files/a.txt"), "a.txt")
+        self.assertEqual(self.served("/files/sub/b.txt"), os.path.join("sub", "b.txt"))
+        self.assertEqual(self.served("/files/caf%C3%A9.txt"), "caf\u00e9.txt")
+
+    def test_symlinks_inside_followed(self) -> None:
+        self.assertEqual(self.served("/files/link_in"), "link_in")
+        self.assertEqual(self.served("/files/dir_in/b.txt"), os.path.join("dir_in", "b.txt"))
+
+    def test_no_escape(self) -> None:
+        with capturedLogs() as events:
+            for target in ESCAPES:
+                found, _ = resolve(self.root, target)
+                self.assertIs(found, NOT_FOUND, target)
+        # not even a traceback for the segment that is not UTF-8
+        self.assertEqual(events, [])
+
+    def test_root_given_through_a_symlink(self) -> None:
+        root = http.make_root(HttpSettings(root=os.path.join(self.top, "root_link")), Stats(), None)
+        found, _ = resolve(root, "/files/a.txt")
+        self.assertEqual(found.path, os.path.join(self.real_root, "a.txt"))
+        self.assertIs(resolve(root, "/files/link_out")[0], NOT_FOUND)
+
+    def test_folder_without_listing(self) -> None:
+        self.assertIs(resolve(self.root, "/files/")[0], LISTING_OFF)
+        self.assertIs(resolve(self.root, "/files/sub/")[0], LISTING_OFF)
+
+    def test_index_page_served(self) -> None:
+        with open(os.path.join(self.real_root, "sub", "index.html"), "w") as file:
+            file.write("<p>hi</p>\n")
+        self.assertEqual(self.served("/files/sub/"), os.path.join("sub", "index.html"))
+
+    def test_listing_shows_only_what_is_served(self) -> None:
+        root = http.make_root(HttpSettings(root=os.path.join(self.top, "root"), listing=True), Stats(), None)
+        found, _ = resolve(root, "/files/")
+        self.assertIsInstance(found, Listing)
+        self.assertEqual(sorted(found.dirs), ["a.txt", "caf\u00e9.txt", "dir_in", "link_in", "sub"])
+        self.assertIs(resolve(root, "/files//etc/passwd")[0], NOT_FOUND)
+
+    def test_unknown_type_is_not_html(self) -> None:
+        with open(os.path.join(self.real_root, "page"), "w") as file:
+            file.write("<script>alert(1)</script>")
+        found, _ = resolve(self.root, "/files/page")
+        self.assertEqual(found.defaultType, "application/octet-stream")
+
+
+class RenderTests(SynchronousTestCase):
+    """What needs no producer: errors, HEAD, 304, the listing page."""
+
+    def setUp(self) -> None:
+        self.top = make_tree(self)
+        self.http = Harness(self, root=os.path.join(self.top, "root"))
+
+    def test_escape_is_plain_404(self) -> None:
+        response = self.http.get("/files/%2e%2e/outside/secret.txt")
+        self.assertEqual(response.status, 404)
+        self.assertEqual(response.body, b"not found\n")
+
+    def test_listing_off_is_403_with_hint(self) -> None:
+        response = self.http.get("/files/")
+        self.assertEqual(response.status, 403)
+        self.assertIn(b"--http-listing", response.body)
+
+    def test_folder_without_slash_redirects(self) -> None:
+        response = self.http.get("/files/sub")
+        self.assertEqual(response.status, 302)
+        self.assertTrue(response.header(b"location").endswith(b"/files/sub/"))
+
+    def test_head_and_not_modified(self) -> None:
+        head = self.http.get("/files/a.txt", method="HEAD")
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.header(b"content-length"), b"6")
+        self.assertEqual(head.header(b"content-type"), b"text/plain")
+        self.assertEqual(head.header(b"accept-ranges"), b"bytes")
+        modified = head.header(b"last-modified")
+        self.assertIsNotNone(modified)
+        cached = self.http.get("/files/a.txt", headers=f"If-Modified-Since: {modified.decode()}\r\n")
+        self.assertEqual(cached.status, 304)
+        self.assertEqual(cached.body, b"")
+
+    def test_listing_page(self) -> None:
+        self.http = Harness(self, root=os.path.join(self.top, "root"), listing=True)
+        response = self.http.get("/files/")
+        self.assertEqual(response.status, 200)
+        self.assertIn(b'href="a.txt"', response.body)
+        for hidden in (b".hidden", b".git", b"link_out", b"dir_out", b"fifo", b"secret"):
+            self.assertNotIn(hidden, response.body)
+
+
+class FolderCheckTests(SynchronousTestCase):
+    def test_root_must_be_a_folder(self) -> None:
+        top = temp_dir(self)
+        self.assertEqual(checks.optional_folder(""), "")
+        self.assertEqual(checks.optional_folder(f" {top} "), top)
+        with self.assertRaises(ValueError) as raised:
+            checks.optional_folder(os.path.join(top, "nope"))
+        self.assertIn("no such folder", str(raised.exception))
+        path = os.path.join(top, "file")
+        with open(path, "w"):
+            pass
+        self.assertRaises(ValueError, checks.optional_folder, path)
