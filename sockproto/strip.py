@@ -113,6 +113,8 @@ class StripFactory(Factory):
 
 def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     """The strip service as configured, or None when its port is off."""
+    if settings.strip.port == "off":
+        return None  # and no stats: /status lists running services only
     service_stats = stats.service("strip", "lines")
     policy = ConnectionPolicy(
         max_clients=settings.strip.max_clients, idle_timeout=settings.strip.idle_timeout

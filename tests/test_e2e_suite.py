@@ -197,3 +197,13 @@ class BadConfigurationTests(SynchronousTestCase):
             self.assertIn("udp: cannot listen on", result.stderr)
             self.assertIn("strip listening on", result.stdout)
             self.assertNotIn("sockproto ready", result.stdout)
+
+
+class ServiceSetTests(SynchronousTestCase):
+    def test_only_enabled_services_have_stats(self) -> None:
+        from sockproto.config import build
+        from sockproto.service import make_service
+
+        suite = make_service(build({("strip", "port"): ("off", "test")}))  # built, not started
+        self.assertNotIn("strip", suite.stats.services)
+        self.assertNotIn("strip", [child.name for child in suite])
