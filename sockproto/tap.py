@@ -75,4 +75,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
 
 def makeService(options: Options) -> Any:
-    return make_service(options.settings, config_path=options.config_path)
+    # A service may find its settings unusable together (POP3 without --auth
+    # beyond loopback, a TLS key that does not match): twistd would print a
+    # traceback; an operator needs one line and a failing exit status.
+    try:
+        return make_service(options.settings, config_path=options.config_path)
+    except ConfigError as error:
+        raise SystemExit(f"{COMMAND}: error: {error}") from None

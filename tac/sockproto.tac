@@ -8,8 +8,9 @@ from sockproto.service import make_service
 
 try:
     settings, config_path = load()
+    service = make_service(settings, config_path=config_path)
 except ConfigError as error:
     raise SystemExit(f"sockproto: error: {error}") from None
 
 application = Application("sockproto")
-make_service(settings, config_path=config_path).setServiceParent(application)
+service.setServiceParent(application)
