@@ -1,12 +1,14 @@
 """Credential checkers from ``--auth`` (Twisted's strcred), shared by chat and POP3.
 
-Two fixes to strcred, made here once for every service:
+Three fixes to strcred and cred, made here once for every service:
 
 - ``memory:USER:PASS`` stores ``str`` names and passwords, so it never matches
   the ``bytes`` credentials protocols build on Python 3: we store bytes.
 - ``file:PATH`` also accepts the salted scrypt hashes ``python -m sockproto
   passwd`` writes (``USER:$scrypt$n=16384,r=8,p=1$SALT$KEY``); plain
   ``USER:PASSWORD`` lines keep working.
+- A cred Portal keeps one checker per credentials interface, so of several
+  ``--auth`` options only the last would count: :func:`any_of` tries each.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import makeChecker
 from twisted.internet import defer
+from zope.interface import implementer
 
 from sockproto.config import ConfigError, Settings
 
@@ -50,6 +53,34 @@ def checkers(settings: Settings) -> list[ICredentialsChecker]:
             checker = SaltedFilePasswordDB(argument)
         made.append(checker)
     return made
+
+
+@implementer(ICredentialsChecker)
+class AnyOf:
+    """Tries its checkers in order; the first that accepts the credentials
+    decides. A checker that cannot take this kind of credentials is skipped."""
+
+    def __init__(self, checkers: list[ICredentialsChecker]) -> None:
+        self.checkers = checkers
+        self.credentialInterfaces = tuple(
+            dict.fromkeys(i for checker in checkers for i in checker.credentialInterfaces)
+        )
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials: Any) -> Any:
+        for checker in self.checkers:
+            if not any(i.providedBy(credentials) for i in checker.credentialInterfaces):
+                continue
+            try:
+                return (yield checker.requestAvatarId(credentials))
+            except UnauthorizedLogin:
+                continue
+        raise UnauthorizedLogin()
+
+
+def any_of(checkers: list[ICredentialsChecker]) -> ICredentialsChecker:
+    """One checker for a Portal that accepts what any of ``checkers`` accepts."""
+    return checkers[0] if len(checkers) == 1 else AnyOf(checkers)
 
 
 def _bytes(value: str | bytes) -> bytes:

@@ -613,21 +613,22 @@ class Pop3Factory(Factory):
 def tls_options(cert: str, key: str) -> Any:
     """A TLS server context from PEM files; the certificate file may hold the
     chain after the server's certificate, and the key if no key file is given."""
-    from OpenSSL import SSL, crypto
-    from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from OpenSSL import SSL
+    from twisted.internet.ssl import CertificateOptions
 
     try:
         cert_pem = Path(cert).read_bytes()
-        key_pem = Path(key or cert).read_bytes()
-        blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", cert_pem, re.S)
-        if not blocks:
+        if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
             raise ValueError("no PEM certificate in it")
-        chain = [Certificate.loadPEM(block).original for block in blocks]
-        private = KeyPair.load(key_pem, crypto.FILETYPE_PEM).original
+        chain = x509.load_pem_x509_certificates(cert_pem)
+        key_pem = Path(key or cert).read_bytes()
+        private = load_pem_private_key(key_pem, password=None)
         options = CertificateOptions(privateKey=private, certificate=chain[0], extraCertChain=chain[1:])
         options.getContext()  # fails now if the key does not match
-    except (OSError, ValueError, SSL.Error, crypto.Error) as error:
-        reason = str(error) or type(error).__name__
+    except (OSError, ValueError, TypeError, SSL.Error) as error:
+        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
         raise ConfigError(f"--tls-cert/--tls-key: cannot use {cert}: {reason}") from None
     return options
 
@@ -657,7 +658,7 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     root = Path(os.path.abspath(pop3.maildir))
     service_stats = stats.service("pop3", "commands")
     factory = Pop3Factory(
-        Portal(MaildirRealm(root), checkers or [AnyLogin()]),
+        Portal(MaildirRealm(root), [auth.any_of(checkers) if checkers else AnyLogin()]),
         service_stats,
         reactor,
         root=root,
