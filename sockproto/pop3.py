@@ -9,7 +9,7 @@ mailbox model counts deleted messages, APOP compares str with bytes, its file
 transfer stuffs dots per 16 KiB chunk, it has no STLS, its own line policy and
 its own 300 s timer), leaving only its name. What is sound is reused: the cred
 portal and strcred checkers, twisted's APOPCredentials (with its comparison
-fixed), LineReceiver, FileSender for streaming with bounded memory, and the
+fixed), LineReceiver, the transport's producer/consumer flow control, and the
 suite's connection guard for the client cap and the idle timeout.
 """
 
@@ -32,11 +32,10 @@ from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword,
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.mail.pop3 import APOPCredentials as _TwistedAPOPCredentials
-from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -56,6 +55,8 @@ MAX_COMMAND = 255
 # Longer than any command or SASL response: past this the line cannot be
 # resynchronised without buffering it, so the session ends.
 MAX_LINE = 8192
+# Unhandled input kept while a command waits, before the socket is paused.
+MAX_BACKLOG = MAX_LINE
 # The longest a failed login's answer is held back, however many failures.
 MAX_AUTH_DELAY = 30.0
 
@@ -132,25 +133,21 @@ class FailedLogins:
         return min(self.base * 2 ** (count - 1), max(self.base, MAX_AUTH_DELAY))
 
 
-class _Sender(FileSender):
-    """FileSender that tells the idle timer the session is busy sending."""
-
-    def __init__(self, on_chunk: Callable[[], Any]) -> None:
-        self._on_chunk = on_chunk
-
-    def resumeProducing(self) -> None:
-        self._on_chunk()
-        super().resumeProducing()
-
-
 def _number(word: bytes) -> int | None:
     return int(word) if _NUMBER.match(word) else None
 
 
+@implementer(IPushProducer)
 class Pop3Protocol(BoundedLineReceiver):
-    """One POP3 session. Commands are handled one at a time in order: while a
+    """One POP3 session. Commands are handled one at a time, in order: while a
     login is checked or a message streams, further (pipelined) lines wait in
-    the buffer and the socket is not read."""
+    the buffer, and past MAX_BACKLOG bytes of them the socket is not read.
+
+    The session is its transport's streaming producer for all its output: when
+    the client stops reading and our output backs up, we stop handling its
+    commands too, and RETR/TOP write the next chunk only when there is room.
+    A client can make us buffer about one chunk each way, whatever it sends.
+    """
 
     MAX_LENGTH = MAX_LINE
     line_too_long_message = b"-ERR line too long\r\n"
@@ -164,8 +161,12 @@ class Pop3Protocol(BoundedLineReceiver):
         self.peer = "?"
         self._user: bytes | None = None
         self._sasl = False  # the next line is an AUTH PLAIN response
-        self._transfer: _Sender | None = None
-        self._pending: Any = None  # the delayed answer to a failed login
+        self._waiting: Any = None  # a login being checked, or the delayed call answering a failed one
+        self._transfer: WireReader | None = None  # the RETR/TOP being sent
+        self._file: Any = None
+        self._output_full = False  # the transport asked us to pause
+        self._registered = False
+        self._reading = True
         self._peer_closed = False
         self._lost = False
 
@@ -179,6 +180,8 @@ class Pop3Protocol(BoundedLineReceiver):
             int(self.factory.clock.seconds()),
             self.factory.hostname,
         )
+        self.transport.registerProducer(self, True)
+        self._registered = True
         self._ok(b"sockproto POP3 server ready " + self.timestamp)
 
     def readConnectionLost(self) -> None:
@@ -188,6 +191,9 @@ class Pop3Protocol(BoundedLineReceiver):
         if not self.paused:
             self._end_of_input()
 
+    def writeConnectionLost(self) -> None:
+        self._close()
+
     def _end_of_input(self) -> None:
         if self.transport.disconnecting:
             return
@@ -195,14 +201,17 @@ class Pop3Protocol(BoundedLineReceiver):
         if rest:
             self.lineReceived(rest)
         if not self.paused and not self.transport.disconnecting:
-            self.transport.loseConnection()
+            self._close()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._stop_output()
+        super().lineLengthExceeded(line)
 
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        if self._transfer is not None:
-            self._transfer.stopProducing()
+        if IDelayedCall.providedBy(self._waiting) and self._waiting.active():
+            self._waiting.cancel()
+        self._end_transfer()
         if self.maildrop is not None:
             drop, self.maildrop = self.maildrop, None
             log.info(
@@ -213,29 +222,89 @@ class Pop3Protocol(BoundedLineReceiver):
             drop.close()
 
     def idle_timed_out(self) -> bytes:
+        self._stop_output()
         return b""  # RFC 1939 section 3: close without a response
 
     def server_stopping(self) -> bytes:
-        if self._transfer is not None or self._pending is not None:
+        busy = self._transfer is not None or self._waiting is not None
+        self._stop_output()
+        if busy:
             return b""  # a line now would land inside another response
         return b"-ERR [SYS/TEMP] server shutting down\r\n"
 
-    # -- input
+    def _close(self) -> None:
+        self._stop_output()
+        self.transport.loseConnection()
 
-    def _pause(self) -> None:
-        self.paused = True
-        if not self._peer_closed:
-            self.transport.pauseProducing()
+    def _stop_output(self) -> None:
+        """Before a close: with a producer registered, a transport waits for
+        it instead of closing once its buffer is flushed."""
+        self._end_transfer()
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
 
-    def _resume(self) -> None:
-        if self._lost or self.transport.disconnecting:
+    # -- flow control (IPushProducer, driven by the transport's output buffer)
+
+    def pauseProducing(self) -> None:
+        self._output_full = True
+        self._update()
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        self._run()
+
+    def stopProducing(self) -> None:
+        self._output_full = True
+        self._end_transfer()
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self._update()
+
+    def _update(self) -> None:
+        """Handle commands only when nothing waits and the output has room.
+
+        The socket is paused only once unhandled input piles up: pausing it at
+        once would also stall a TLS handshake, during which TLS holds back
+        our output (the greeting on an ssl: port).
+        """
+        self.paused = self._output_full or self._waiting is not None or self._transfer is not None
+        reading = not (self.paused and len(self._buffer) >= MAX_BACKLOG)
+        if reading != self._reading and not self._peer_closed and not self._lost:
+            self._reading = reading
+            if reading:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
+
+    def _run(self) -> None:
+        """Go on with what waits: the message being sent, then buffered commands."""
+        if self._lost:
             return
-        self.paused = False
-        if not self._peer_closed:
-            self.transport.resumeProducing()
+        self._send_chunks()
+        self._update()
+        if self.paused or self._busyReceiving:  # else the loop we are called from goes on
+            return
         self.dataReceived(b"")
         if self._peer_closed and not self.paused:
             self._end_of_input()
+
+    def _send_chunks(self) -> None:
+        keep_alive = getattr(self.transport, "resetTimeout", None)  # sending is activity
+        while self._transfer is not None and not self._output_full:
+            chunk = self._transfer.read()
+            if not chunk:
+                self._end_transfer()
+                return
+            self.transport.write(chunk)  # may pause us at once
+            if keep_alive is not None:
+                keep_alive()
+
+    def _end_transfer(self) -> None:
+        file, self._file, self._transfer = self._file, None, None
+        if file is not None:
+            file.close()
 
     def line_received(self, line: bytes) -> None:
         if self._sasl:
@@ -357,18 +426,20 @@ class Pop3Protocol(BoundedLineReceiver):
             return self._err(b"malformed AUTH PLAIN response")
         authzid, user, password = parts
         if authzid and authzid != user:  # acting as another user: not here
-            self._pause()
             return self._failed(user)
         return self._login(UsernamePassword(user, password), user)
 
     def _login(self, credentials: Any, user: bytes) -> None:
-        self._pause()
         checked = self.factory.portal.login(credentials, None, IMaildrop)
+        if not checked.called:
+            self._waiting = checked
+            self._update()
         checked.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(user,), errbackArgs=(user,))
         checked.addErrback(self._unexpected, "login")
 
     def _logged_in(self, result: tuple[Any, Maildrop, Callable], user: bytes) -> None:
         _, drop, _ = result
+        self._waiting = None
         if self._lost:
             drop.close()
             return
@@ -384,18 +455,28 @@ class Pop3Protocol(BoundedLineReceiver):
             octets=octets,
         )
         self._ok(b"%s's maildrop has %d messages (%d octets)" % (drop.user.encode(), count, octets))
-        self._resume()
+        self._run()
 
     def _login_failed(self, failure: Failure, user: bytes) -> None:
+        self._waiting = None
         if self._lost:
             return
         if failure.check(MailboxInUseError):
             self.service_stats.counters["mailbox_in_use"] += 1
             log.info("pop3: {peer}: mailbox of {user} is in use", peer=self.peer, user=loggable(user))
             self._err(b"[IN-USE] mailbox is locked by another session")
-            self._resume()
+            self._run()
         elif failure.check(UnauthorizedLogin, UnhandledCredentials):
             self._failed(user)
+        elif failure.check(OSError):
+            log.error(
+                "pop3: {peer}: cannot open the mailbox of {user}: {error}",
+                peer=self.peer,
+                user=loggable(user),
+                error=str(failure.value),
+            )
+            self._err(b"[SYS/TEMP] cannot open the mailbox")
+            self._run()
         else:
             log.failure(
                 "pop3: {peer}: cannot open the mailbox of {user}",
@@ -404,7 +485,7 @@ class Pop3Protocol(BoundedLineReceiver):
                 user=loggable(user),
             )
             self._err(b"[SYS/TEMP] cannot open the mailbox")
-            self._resume()
+            self._run()
 
     def _failed(self, user: bytes) -> None:
         """A wrong name or password: answer later, the later the more often
@@ -418,18 +499,20 @@ class Pop3Protocol(BoundedLineReceiver):
             user=loggable(user),
             delay=delay,
         )
-        self._pending = self.factory.clock.callLater(delay, self._answer_failed)
+        self._waiting = self.factory.clock.callLater(delay, self._answer_failed)
+        self._update()
 
     def _answer_failed(self) -> None:
-        self._pending = None
+        self._waiting = None
         self._err(b"[AUTH] invalid user name or password")
-        self._resume()
+        self._run()
 
     def _unexpected(self, failure: Failure, what: str) -> None:
+        self._waiting = None
         log.failure("pop3: {peer}: error in {what}", failure, peer=self.peer, what=what)
         if not self._lost:
             self._err(b"[SYS/TEMP] internal error")
-            self._resume()
+            self._run()
 
     # -- TRANSACTION state
 
@@ -508,18 +591,9 @@ class Pop3Protocol(BoundedLineReceiver):
             log.warn("pop3: cannot read {path}: {error}", path=message.path, error=str(error))
             return self._err(b"[SYS/TEMP] cannot read the message")
         self._ok(first)
-        self._pause()
-        keep_alive = getattr(self.transport, "resetTimeout", None) or (lambda: None)
-        sender = self._transfer = _Sender(keep_alive)
-        done = sender.beginFileTransfer(WireReader(file, body_lines), self.transport)
-        done.addBoth(self._sent, file)
+        self._file, self._transfer = file, WireReader(file, body_lines)
+        self._run()
         return None
-
-    def _sent(self, result: Any, file: Any) -> None:
-        file.close()
-        self._transfer = None
-        if not isinstance(result, Failure):  # else the connection went away
-            self._resume()
 
     def do_DELE(self, argument: bytes) -> None:
         words = argument.split()
@@ -560,7 +634,7 @@ class Pop3Protocol(BoundedLineReceiver):
                 self._err(b"[SYS/TEMP] some deleted messages not removed")
             else:
                 self._ok(b"sockproto POP3 server signing off (%d messages deleted)" % removed)
-        self.transport.loseConnection()
+        self._close()
 
 
 class Pop3Factory(Factory):

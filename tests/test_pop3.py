@@ -33,10 +33,32 @@ IMPLEMENTATION = b"IMPLEMENTATION sockproto-" + __version__.encode()
 
 
 @implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    """Records startTLS, and what was written before it."""
+class FlowTransport(StringTransport):
+    """A StringTransport with a real transport's flow control: a streaming
+    producer is paused when more than ``limit`` bytes are unread, and resumed
+    when the client reads (:meth:`read`). Records startTLS."""
 
+    limit = 64 * 1024
     tls: Any = None
+    producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        unread = len(self.value())
+        if self.producer is not None and self.streaming and not self.producer_paused and unread > self.limit:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def read(self) -> bytes:
+        """Everything the server sends until it has nothing more for now."""
+        out = []
+        while True:
+            out.append(self.value())
+            self.clear()
+            if self.producer is None or not self.producer_paused:
+                return b"".join(out)
+            self.producer_paused = False
+            self.producer.resumeProducing()
 
     def startTLS(self, context: Any) -> None:
         self.tls = context
@@ -49,7 +71,7 @@ class Connection:
     def __init__(self, server: Server, host: str = "10.0.0.1") -> None:
         self.server = server
         self.lost = False
-        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        self.transport = FlowTransport(peerAddress=IPv4Address("TCP", host, 40000))
         self.guard = server.guarded.buildProtocol(self.transport.getPeer())
         self.guard.makeConnection(self.transport)
         self.protocol: Pop3Protocol = self.guard.wrappedProtocol
@@ -60,19 +82,13 @@ class Connection:
         return self.take()
 
     def take(self) -> bytes:
-        self.drain()
+        return self.transport.read()
+
+    def take_some(self) -> bytes:
+        """What was written so far, without letting a paused producer go on."""
         value = self.transport.value()
         self.transport.clear()
         return value
-
-    def drain(self) -> None:
-        """Let a streaming RETR/TOP run to its end, as the reactor would."""
-        for _ in range(100000):
-            producer = self.transport.producer
-            if producer is None:
-                return
-            producer.resumeProducing()
-        raise AssertionError("the producer never finished")
 
     def login(self, user: bytes = b"alice", password: bytes = b"secret") -> bytes:
         return self.send(b"USER " + user + b"\r\nPASS " + password + b"\r\n")
@@ -460,54 +476,102 @@ class TransactionTests(SynchronousTestCase):
                 client.lose()
             self.assertEqual(len(self.server.messages()), 3, end)
 
-    def test_pipelined_commands_wait_for_a_streaming_retr(self) -> None:
-        self.client.guard.dataReceived(b"RETR 1\r\nSTAT\r\nQUIT\r\n")
-        self.assertIsNotNone(self.client.transport.producer)
-        self.assertEqual(self.client.transport.producerState, "paused")  # no reading meanwhile
-        self.assertTrue(self.client.transport.value().startswith(b"+OK 23 octets\r\n"))
-        self.assertNotIn(b"+OK 3 71", self.client.transport.value())
-        self.assertEqual(
-            self.client.take(),
-            b"+OK 23 octets\r\nSubject: one\r\n\r\nhello\r\n.\r\n+OK 3 71\r\n"
-            b"+OK sockproto POP3 server signing off (0 messages deleted)\r\n",
-        )
-        self.assertEqual(self.client.transport.producerState, "producing")
-
-    def test_half_close_after_pipelined_quit_still_commits(self) -> None:
-        self.client.guard.dataReceived(b"DELE 1\r\nRETR 2\r\nQUIT\r\n")
-        self.client.guard.readConnectionLost()
-        self.assertFalse(self.client.closed)  # RETR still streaming
-        self.assertTrue(self.client.take().endswith(b"(1 messages deleted)\r\n"))
-        self.assertTrue(self.client.closed)
-        self.assertEqual(len(self.server.messages()), 2)
-
-    def test_connection_lost_mid_retr_closes_the_file_and_keeps_mail(self) -> None:
-        self.client.guard.dataReceived(b"DELE 1\r\nRETR 2\r\n")
-        self.assertIsNotNone(self.client.protocol._transfer)
-        self.client.lose()
-        self.assertIsNone(self.client.protocol._transfer)
-        self.assertEqual(len(self.server.messages()), 3)
-
     def test_message_removed_behind_our_back(self) -> None:
         for name in self.server.messages():
             os.unlink(self.server.root / "alice" / "new" / name)
         self.assertEqual(self.client.send(b"RETR 1\r\n"), b"-ERR [SYS/PERM] message is gone\r\n")
         self.assertEqual(self.client.send(b"NOOP\r\n"), b"+OK\r\n")
 
+
+BIG = b"Subject: big\n\n" + b".line of some length, led by a dot\n" * 10000  # ~370 KiB on the wire
+
+
+class FlowControlTests(SynchronousTestCase):
+    """Output waits for the client to read: a message streams a chunk at a
+    time, and commands are not read while answers back up."""
+
+    def setUp(self) -> None:
+        self.server = Server(self)
+        self.server.deliver(BIG)
+        self.server.deliver(b"Subject: small\n\nhi\n")
+        self.client = self.server.connect()
+        self.client.login()
+        _, size = self.client.send(b"LIST 1\r\n").split()[1:]
+        self.size = int(size)
+
+    def test_retr_streams_as_the_client_reads_and_later_commands_wait(self) -> None:
+        self.client.guard.dataReceived(b"RETR 1\r\nSTAT\r\nQUIT\r\n")
+        first = self.client.take_some()
+        self.assertTrue(first.startswith(b"+OK %d octets\r\n" % self.size))
+        self.assertLess(len(first), FlowTransport.limit + 200 * 1024)  # about a chunk, not the message
+        self.assertNotIn(b"+OK 2 ", first)
+        rest = self.client.take()
+        body = (first + rest).split(b"\r\n", 1)[1]
+        self.assertTrue(
+            body.endswith(
+                b"\r\n.\r\n+OK 2 %d\r\n+OK sockproto POP3 server signing off (0 messages deleted)\r\n"
+                % (self.size + len(b"Subject: small\r\n\r\nhi\r\n"))
+            )
+        )
+        self.assertEqual(body.count(b"\r\n..line"), 10000)
+        self.assertTrue(self.client.closed)
+        self.assertIsNone(self.client.transport.producer)  # unregistered, so the close completes
+
+    def test_a_client_that_does_not_read_cannot_fill_our_memory(self) -> None:
+        flood = b"CAPA\r\n" * 5000  # some 800 KiB of answers
+        self.client.guard.dataReceived(flood)
+        unread = self.client.take_some()
+        self.assertLess(len(unread), FlowTransport.limit + 1024)
+        self.assertEqual(self.client.transport.producerState, "paused")  # the socket is not read
+        self.assertLess(len(self.client.protocol._buffer), len(flood))
+        self.assertEqual((unread + self.client.take()).count(b"+OK capability list follows"), 5000)
+        self.assertEqual(self.client.transport.producerState, "producing")
+
+    def test_half_close_after_pipelined_quit_still_commits(self) -> None:
+        self.client.guard.dataReceived(b"DELE 2\r\nRETR 1\r\nQUIT\r\n")
+        self.client.guard.readConnectionLost()
+        self.assertFalse(self.client.closed)  # RETR still streaming
+        self.assertTrue(self.client.take().endswith(b"(1 messages deleted)\r\n"))
+        self.assertTrue(self.client.closed)
+        self.assertEqual(len(self.server.messages()), 1)
+
+    def test_connection_lost_mid_retr_closes_the_file_and_keeps_mail(self) -> None:
+        self.client.guard.dataReceived(b"DELE 2\r\nRETR 1\r\n")
+        self.assertIsNotNone(self.client.protocol._transfer)
+        self.client.lose()
+        self.assertIsNone(self.client.protocol._transfer)
+        self.assertEqual(len(self.server.messages()), 2)
+
     def test_server_stop_during_a_transfer_adds_nothing_to_the_data(self) -> None:
         self.client.guard.dataReceived(b"RETR 1\r\n")
         self.assertEqual(self.client.protocol.server_stopping(), b"")
+        self.assertIsNone(self.client.transport.producer)
 
     def test_idle_timer_is_ten_minutes_and_a_transfer_counts_as_activity(self) -> None:
         self.assertEqual(config.build({}).pop3.idle_timeout, 600.0)  # twisted.mail: 300 s
-        self.server.clock.advance(599)
         self.client.guard.dataReceived(b"RETR 1\r\n")
-        self.server.clock.advance(599)
-        self.client.drain()
+        for _ in range(3):  # a slow reader: a chunk every 599 s
+            self.server.clock.advance(599)
+            self.assertFalse(self.client.closed)
+            self.client.transport.clear()
+            self.client.transport.producer_paused = False
+            self.client.protocol.resumeProducing()
+        self.client.take()
         self.server.clock.advance(599)
         self.assertFalse(self.client.closed)
         self.server.clock.advance(1)
         self.assertTrue(self.client.closed)
+
+    def test_closing_paths_unregister_the_producer(self) -> None:
+        self.client.send(b"QUIT\r\n")
+        self.assertIsNone(self.client.transport.producer)
+        other = self.server.connect()
+        other.send(b"x" * (MAX_LINE + 1))
+        self.assertIsNone(other.transport.producer)
+        idle = self.server.connect()
+        self.server.clock.advance(600)
+        self.assertTrue(idle.closed)
+        self.assertIsNone(idle.transport.producer)
 
 
 class StlsTests(SynchronousTestCase):

@@ -10,6 +10,7 @@ import os
 import poplib
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -243,6 +244,21 @@ class Pop3EndToEndTests(SynchronousTestCase):
         self.assertEqual(received, header + expected + len(b".\r\n"))
         self.assertLess(peak - before, 16 * 1024, f"RSS grew from {before} to {peak} KiB")
         self.assertLess(elapsed, 20)
+
+    def test_a_flood_of_commands_from_a_client_that_never_reads(self) -> None:
+        sock = self.suite.connect("pop3")
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        before = self.suite.rss_kib()
+        sock.settimeout(1)
+        flood = b"CAPA\r\n" * 10000  # each answer is 25 times the command
+        with self.assertRaises(TimeoutError):  # the server stops reading: our send blocks
+            for _ in range(200):
+                sock.sendall(flood)
+        self.assertLess(self.suite.rss_kib() - before, 8 * 1024)
+        other = self.client()  # and everyone else is still served
+        self.assertIn("UIDL", other.capa())
+        other.quit()
 
     def test_stls(self) -> None:
         client = self.client()
