@@ -235,11 +235,14 @@ class Maildir:
         found: dict[str, tuple[int, Message]] = {}
         for sub in ("new", "cur"):  # cur wins if a move shows a message twice
             for entry in _files(self.path / sub):
-                stat = entry.stat()
                 unique = unique_name(entry.name)
-                size = _tagged_size(unique, stat.st_size)
-                if size is None:
-                    size = _sizes.size(entry.path, stat)
+                try:
+                    stat = entry.stat()
+                    size = _tagged_size(unique, stat.st_size)
+                    if size is None:
+                        size = _sizes.size(entry.path, stat)
+                except FileNotFoundError:  # removed by another reader meanwhile
+                    continue
                 found[unique] = (stat.st_mtime_ns, Message(entry.path, unique, uidl(unique), size))
         return [message for _, message in sorted(found.values(), key=lambda item: (item[0], item[1].unique))]
 

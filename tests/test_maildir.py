@@ -178,6 +178,19 @@ class MaildirTests(SynchronousTestCase):
         put(self.box.path / "new", "2.b,S=5,W=99", b"b\n", mtime=2)  # S= wrong: measured
         self.assertEqual([m.size for m in self.box.messages()], [99, 3])
 
+    def test_a_message_removed_while_listing_is_skipped(self) -> None:
+        put(self.box.path / "new", "1.a", b"a\n")
+        gone = put(self.box.path / "new", "2.b", b"b\n")
+        real_size = maildir._sizes.size
+
+        def remove_then_measure(path: str, stat: os.stat_result) -> int:
+            if path == str(gone):
+                gone.unlink()
+            return real_size(path, stat)
+
+        self.patch(maildir._sizes, "size", remove_then_measure)
+        self.assertEqual([m.unique for m in self.box.messages()], ["1.a"])
+
     def test_str_and_bytes_free_paths(self) -> None:
         # twisted.mail's MaildirMailbox failed login with a str path.
         put(self.box.path / "new", "1.a", b"a\n")
