@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import sys
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
 
 from sockproto import __version__, config
+
+
+class CommandError(Exception):
+    """A tool cannot do what was asked; the message says why."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,10 +22,105 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"sockproto {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("example-config", help="print a sockproto.toml with every key and its default")
+    passwd = commands.add_parser(
+        "passwd",
+        help="add a user, or change a password, in a --auth file:PATH file (salted scrypt hash)",
+        description="Asks for the password twice on a terminal; otherwise reads one line from stdin.",
+    )
+    passwd.add_argument("file", help="the users file (created if missing)")
+    passwd.add_argument("user")
+    deliver = commands.add_parser(
+        "deliver",
+        help="put a message (FILE or stdin) into USER's Maildir, atomically",
+        description="Writes into ROOT/USER/tmp/, then renames into new/; prints the new file's path.",
+    )
+    deliver.add_argument("user")
+    deliver.add_argument("file", nargs="?", help="the message (default: stdin)")
+    deliver.add_argument(
+        "--maildir",
+        metavar="ROOT",
+        help="Maildir root (default: [pop3] maildir from the config file, else 'mail')",
+    )
+    deliver.add_argument("--config", metavar="FILE", help="TOML settings file to read the root from")
     args = parser.parse_args(argv)
-    if args.command == "example-config":
-        sys.stdout.write(config.example_toml())
+    try:
+        if args.command == "example-config":
+            sys.stdout.write(config.example_toml())
+        elif args.command == "passwd":
+            set_password(args.file, args.user, read_password())
+            print(f"{args.user}: password set in {args.file}", file=sys.stderr)
+        elif args.command == "deliver":
+            root = args.maildir or config.load(args.config)[0].pop3.maildir
+            if args.file:
+                with open(args.file, "rb") as source:
+                    path = deliver_message(root, args.user, source)
+            else:
+                path = deliver_message(root, args.user, sys.stdin.buffer)
+            print(path)
+    except (CommandError, config.ConfigError) as error:
+        print(f"python -m sockproto {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        where = f": {error.filename}" if error.filename else ""
+        print(f"python -m sockproto {args.command}: error: {error.strerror}{where}", file=sys.stderr)
+        return 1
     return 0
+
+
+def read_password() -> bytes:
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Again: "):
+            raise CommandError("the passwords differ")
+        password = first.encode("utf-8")
+    else:
+        password = sys.stdin.buffer.readline().rstrip(b"\r\n")
+    if not password:
+        raise CommandError("empty password")
+    return password
+
+
+def set_password(file: str, user: str, password: bytes) -> None:
+    """Write ``user:HASH`` into the users file, replacing the user's old
+    line; other lines stay as they are. The file is replaced atomically and
+    readable by its owner only."""
+    from sockproto.auth import hash_password
+    from sockproto.maildir import valid_user
+
+    if not valid_user(user):
+        raise CommandError(
+            f"{user!r} cannot be a user name (letters, digits, and . _ @ + - after the first; 64 at most)"
+        )
+    path = Path(file)
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        lines = []
+    entry = user.encode() + b":" + hash_password(password)
+    kept: list[bytes] = []
+    for line in lines:
+        if line.split(b":", 1)[0] != user.encode():
+            kept.append(line)
+        elif entry not in kept:
+            kept.append(entry)
+    if entry not in kept:
+        kept.append(entry)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent.resolve(), prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(b"".join(line + b"\n" for line in kept))
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def deliver_message(root: str, user: str, source: BinaryIO) -> Path:
+    from sockproto.maildir import Maildir, valid_user
+
+    if not valid_user(user):
+        raise CommandError(f"{user!r} is not a valid mailbox name")
+    return Maildir(Path(os.path.abspath(root)) / user).deliver(source)
 
 
 if __name__ == "__main__":

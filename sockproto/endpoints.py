@@ -7,6 +7,7 @@ endpoint syntax at all; every service's port option goes through here.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from sockproto import checks
 
@@ -23,6 +24,22 @@ def stream_description(spec: str, interface: str) -> str | None:
         kind = "tcp6" if ipaddress.ip_address(interface).version == 6 else "tcp"
         return f"{kind}:{spec}:interface={_escape(interface)}"
     return spec
+
+
+def loopback_only(description: str) -> bool:
+    """Whether a stream endpoint description listens on loopback (or a UNIX
+    socket) only. Unknown kinds (``systemd:``) count as beyond loopback."""
+    kind, _, rest = description.partition(":")
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    params = dict(item.split("=", 1) for item in re.split(r"(?<!\\):", rest) if "=" in item)
+    address = params.get("interface", "").replace("\\:", ":")
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
 
 
 def datagram_address(spec: str, interface: str) -> tuple[int, str] | None:

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
-from sockproto import __version__, http, strip, udp
+from sockproto import __version__, http, pop3, strip, udp
 from sockproto.config import SERVICES, Settings
 from sockproto.listening import Listener, StartupError
 from sockproto.stats import Stats
@@ -91,6 +91,7 @@ BUILDERS: dict[str, Callable[[Settings, Stats, Any], Listener | None]] = {
     "strip": strip.build,
     "udp": udp.build,
     "http": http.build,
+    "pop3": pop3.build,
 }
 
 

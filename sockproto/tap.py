@@ -75,8 +75,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
 
 def makeService(options: Options) -> Any:
-    # Settings that are only checkable while building (a service refusing its
-    # combination of options) end the start the same way as a bad option.
+    # A service may find its settings unusable together (POP3 without --auth
+    # beyond loopback, a TLS key that does not match): twistd would print a
+    # traceback; an operator needs one line and a failing exit status.
     try:
         return make_service(options.settings, config_path=options.config_path)
     except ConfigError as error:

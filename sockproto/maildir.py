@@ -1,0 +1,442 @@
+"""Maildir mailboxes as a POP3 session sees them.
+
+One Maildir per user at ``ROOT/USER/{cur,new,tmp}``. A session takes the
+mailbox lock, lists ``new/`` and ``cur/`` once (the POP3 maildrop is fixed for
+the session), marks deletions in memory and removes files only on
+:meth:`Maildrop.commit` (QUIT). Messages go on the wire as CRLF lines with
+dot-stuffing, whatever their stored line ends, streamed a chunk at a time by
+:class:`WireReader`; the sizes listed are the CRLF sizes a client receives.
+
+These are fixes for twisted.mail.maildir, which on Python 3 cannot open a
+mailbox by ``str`` path, moves a message to ``.Trash`` on DELE (mail lost when
+the connection drops), counts deleted messages, and sizes messages by their LF
+form.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import secrets
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from zope.interface import Interface, implementer
+
+CHUNK = 64 * 1024
+LOCK_NAME = "sockproto-pop3.lock"
+SUBFOLDERS = ("cur", "new", "tmp")
+# A user name is a folder name under the Maildir root: nothing that could climb
+# out of it, hide it or need quoting.
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}\Z")
+# Maildir++ size tags in a unique name: S= the file size, W= the CRLF size.
+_SIZE_TAGS = re.compile(r",S=(\d+)(?:,W=(\d+))?")
+
+
+class MailboxInUseError(Exception):
+    """Another session (in this process or another) holds the mailbox."""
+
+
+def valid_user(name: str) -> bool:
+    """Whether ``name`` is safe as a mailbox folder name."""
+    return bool(_USER.match(name))
+
+
+def unique_name(filename: str) -> str:
+    """The Maildir unique name: the file name without the ``:2,FLAGS`` info."""
+    return filename.split(":", 1)[0]
+
+
+def uidl(unique: str) -> str:
+    """A UIDL value for a unique name: itself when RFC 1939 allows it (1-70
+    printable ASCII characters), else a digest of it. Both stay the same when
+    the message moves from new/ to cur/ or its flags change."""
+    if 0 < len(unique) <= 70 and all("!" <= c <= "~" for c in unique):
+        return unique
+    return hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+class CrlfNormalizer:
+    """LF or CRLF line ends to CRLF, correct wherever chunk boundaries fall.
+
+    A CR at the end of a chunk is held back until the next chunk shows whether
+    an LF follows it. ``at_line_start`` says whether the output so far ends a
+    line; a message that does not is finished with CRLF on the wire.
+    """
+
+    __slots__ = ("_cr", "at_line_start")
+
+    def __init__(self) -> None:
+        self._cr = False
+        self.at_line_start = True
+
+    def feed(self, data: bytes) -> bytes:
+        if self._cr:
+            data = b"\r" + data
+            self._cr = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._cr = True
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        data = data.replace(b"\n", b"\r\n")
+        if data:
+            self.at_line_start = data.endswith(b"\n")
+        return data
+
+    def end(self) -> bytes:
+        """What is held back at the end of the input (a lone final CR)."""
+        if not self._cr:
+            return b""
+        self._cr = False
+        self.at_line_start = False
+        return b"\r"
+
+
+def wire_size(file: BinaryIO, chunk: int = CHUNK) -> int:
+    """Octets of a message in CRLF form, as a client counts them after RETR
+    (including the CRLF that ends an unterminated last line; no dot-stuffing)."""
+    normalizer = CrlfNormalizer()
+    total = 0
+    while block := file.read(chunk):
+        total += len(normalizer.feed(block))
+    total += len(normalizer.end())
+    return total + (0 if normalizer.at_line_start else 2)
+
+
+class WireReader:
+    """A message as the lines after ``+OK`` of RETR or TOP: CRLF line ends,
+    dot-stuffed, ending with ``.CRLF``. File-like (``read``), so Twisted's
+    FileSender streams it with bounded memory.
+
+    ``body_lines`` makes it TOP: the header, the blank line, then that many
+    lines of the body.
+    """
+
+    def __init__(self, file: BinaryIO, body_lines: int | None = None, chunk: int = CHUNK) -> None:
+        self._file = file
+        self._chunk = chunk
+        self._normalizer = CrlfNormalizer()
+        self._at_line_start = True  # of the stuffed output, across chunks
+        self._lines_left = body_lines
+        self._in_body = False
+        self._tail = b"\r\n"  # the message starts as if after a line end
+        self._done = False
+
+    def read(self, size: int = -1) -> bytes:
+        """The next piece of the response (about one chunk); ``b""`` when done."""
+        while not self._done:
+            block = self._file.read(self._chunk)
+            if not block:
+                self._done = True
+                text = self._stuff(self._normalizer.end())
+                return text + (b"" if self._at_line_start else b"\r\n") + b".\r\n"
+            text = self._normalizer.feed(block)
+            if self._lines_left is not None:
+                text = self._cut(text)
+            if self._done:
+                return self._stuff(text) + b".\r\n"
+            if text:
+                return self._stuff(text)
+        return b""
+
+    def _stuff(self, text: bytes) -> bytes:
+        if not text:
+            return text
+        out = text.replace(b"\r\n.", b"\r\n..")
+        if self._at_line_start and text[:1] == b".":
+            out = b"." + out
+        self._at_line_start = text.endswith(b"\n")
+        return out
+
+    def _cut(self, text: bytes) -> bytes:
+        """Keep what TOP sends of this normalized chunk; set _done at the cut."""
+        head = b""
+        if not self._in_body:
+            window = self._tail + text
+            found = window.find(b"\r\n\r\n")
+            if found < 0:
+                self._tail = window[-3:]
+                return text
+            self._in_body = True
+            start = found + 4 - len(self._tail)
+            head, text = text[:start], text[start:]
+        left = self._lines_left or 0
+        if text.count(b"\n") < left:
+            self._lines_left = left - text.count(b"\n")
+            return head + text
+        end = 0
+        for _ in range(left):
+            end = text.index(b"\n", end) + 1
+        self._lines_left = 0
+        self._done = True
+        return head + text[:end]
+
+
+class _SizeCache:
+    """CRLF sizes by file identity, so a poll does not re-read every message."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._sizes: OrderedDict[tuple[int, int, int, int], int] = OrderedDict()
+        self._limit = limit
+
+    def size(self, path: str, stat: os.stat_result) -> int:
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        known = self._sizes.get(key)
+        if known is not None:
+            self._sizes.move_to_end(key)
+            return known
+        with open(path, "rb") as file:
+            size = wire_size(file)
+        self._sizes[key] = size
+        if len(self._sizes) > self._limit:
+            self._sizes.popitem(last=False)
+        return size
+
+
+_sizes = _SizeCache()
+
+
+@dataclass
+class Message:
+    path: str
+    unique: str
+    uid: str
+    size: int  # CRLF octets
+    deleted: bool = False
+
+
+class IMaildrop(Interface):
+    """The avatar of a POP3 login: one user's locked mailbox (see Maildrop)."""
+
+
+class Maildir:
+    """One user's Maildir folder."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def create(self) -> Maildir:
+        """Make ``cur``, ``new`` and ``tmp`` (and the folder) if missing."""
+        for sub in SUBFOLDERS:
+            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self
+
+    def messages(self) -> list[Message]:
+        """new/ and cur/, oldest first (by arrival time, then name)."""
+        found: dict[str, tuple[int, Message]] = {}
+        for sub in ("new", "cur"):  # cur wins if a move shows a message twice
+            for entry in _files(self.path / sub):
+                unique = unique_name(entry.name)
+                try:
+                    stat = entry.stat()
+                    size = _tagged_size(unique, stat.st_size)
+                    if size is None:
+                        size = _sizes.size(entry.path, stat)
+                except FileNotFoundError:  # removed by another reader meanwhile
+                    continue
+                found[unique] = (stat.st_mtime_ns, Message(entry.path, unique, uidl(unique), size))
+        return [message for _, message in sorted(found.values(), key=lambda item: (item[0], item[1].unique))]
+
+    def locate(self, unique: str) -> str | None:
+        """Where a message is now (another program may have moved or flagged it)."""
+        for sub in ("cur", "new"):
+            for entry in _files(self.path / sub):
+                if unique_name(entry.name) == unique:
+                    return entry.path
+        return None
+
+    def deliver(self, source: BinaryIO) -> Path:
+        """Write a message into tmp/, then rename it into new/: readers never
+        see a partial message. The name carries its sizes (Maildir++ S= and W=)."""
+        self.create()
+        name = new_unique_name()
+        temporary = self.path / "tmp" / name
+        normalizer = CrlfNormalizer()
+        size = wire = 0
+        try:
+            with open(temporary, "xb") as out:
+                while block := source.read(CHUNK):
+                    out.write(block)
+                    size += len(block)
+                    wire += len(normalizer.feed(block))
+                out.flush()
+                os.fsync(out.fileno())
+            wire += len(normalizer.end()) + (0 if normalizer.at_line_start else 2)
+            final = self.path / "new" / f"{name},S={size},W={wire}"
+            os.rename(temporary, final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_folder(final.parent)
+        return final
+
+
+def _files(folder: Path) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
+                    yield entry
+    except FileNotFoundError:
+        return
+
+
+def _tagged_size(unique: str, file_size: int) -> int | None:
+    """The W= size in the name, trusted only while S= matches the file."""
+    match = _SIZE_TAGS.search(unique)
+    if match and match.group(2) and int(match.group(1)) == file_size:
+        return int(match.group(2))
+    return None
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+_deliveries = 0
+
+
+def new_unique_name() -> str:
+    """``SECONDS.MusecPpidQn_Rrandom.HOST`` as the Maildir spec suggests."""
+    global _deliveries
+    _deliveries += 1
+    now = time.time()
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{_deliveries}R{secrets.token_hex(4)}.{host}"
+
+
+class MailboxLock:
+    """An exclusive ``flock`` on a file in the Maildir.
+
+    Works across server processes; the kernel drops it when its holder dies,
+    so a killed server never locks a user out.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> MailboxLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MailboxInUseError(str(self.path.parent)) from None
+            raise
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+@implementer(IMaildrop)
+class Maildrop:
+    """One session's view of a mailbox: the messages at login, numbered from
+    1; deletions are marks until :meth:`commit`."""
+
+    def __init__(self, maildir: Maildir, lock: MailboxLock, messages: list[Message]) -> None:
+        self.maildir = maildir
+        self.lock = lock
+        self.messages = messages
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], user: str) -> Maildrop:
+        """Create the Maildir if missing, lock it and list it."""
+        if not valid_user(user):
+            raise ValueError(f"not a valid mailbox name: {user!r}")
+        maildir = Maildir(Path(root) / user).create()
+        lock = MailboxLock(maildir.path / LOCK_NAME).acquire()
+        try:
+            return cls(maildir, lock, maildir.messages())
+        except BaseException:
+            lock.release()
+            raise
+
+    @property
+    def user(self) -> str:
+        return self.maildir.path.name
+
+    def visible(self) -> list[tuple[int, Message]]:
+        return [(number, m) for number, m in enumerate(self.messages, 1) if not m.deleted]
+
+    def stat(self) -> tuple[int, int]:
+        """(messages, octets), deleted ones not counted."""
+        shown = [m.size for m in self.messages if not m.deleted]
+        return len(shown), sum(shown)
+
+    def get(self, number: int) -> Message | None:
+        """Message ``number`` (from 1), or None if there is none or it is deleted."""
+        if 1 <= number <= len(self.messages) and not self.messages[number - 1].deleted:
+            return self.messages[number - 1]
+        return None
+
+    def reset(self) -> None:
+        for message in self.messages:
+            message.deleted = False
+
+    def open_message(self, message: Message) -> BinaryIO:
+        try:
+            return open(message.path, "rb")
+        except FileNotFoundError:
+            moved = self.maildir.locate(message.unique)
+            if moved is None:
+                raise
+            message.path = moved
+            return open(moved, "rb")
+
+    def commit(self) -> tuple[int, int]:
+        """Remove the messages marked deleted: (removed, failed). A message
+        already gone counts as removed."""
+        removed = failed = 0
+        for message in self.messages:
+            if message.deleted:
+                if self._remove(message):
+                    removed += 1
+                else:
+                    failed += 1
+        return removed, failed
+
+    def _remove(self, message: Message) -> bool:
+        path: str | None = message.path
+        for _ in range(2):  # where it was listed, then where it is now
+            if path is None:
+                return True
+            try:
+                os.unlink(path)
+                return True
+            except FileNotFoundError:
+                path = self.maildir.locate(message.unique)
+            except OSError:
+                return False
+        return path is None
+
+    def close(self) -> None:
+        """End the session without touching any message; releases the lock."""
+        self.lock.release()

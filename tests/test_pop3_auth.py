@@ -1,0 +1,187 @@
+"""Salted password hashes, the --auth checkers (shared with chat), and
+``python -m sockproto passwd``."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.trial import unittest
+from twisted.trial.unittest import SynchronousTestCase
+
+from sockproto import auth, config
+from sockproto.__main__ import set_password
+from sockproto.auth import SaltedFilePasswordDB, hash_password, verify_password
+from sockproto.pop3 import APOPCredentials
+from tests.support import environment, temp_dir
+
+
+def settings_with(*descriptions: str) -> config.Settings:
+    return config.build({("suite", "auth"): (list(descriptions), "test")})
+
+
+def now(deferred: defer.Deferred[Any]) -> Any:
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    assert results, "not fired"
+    return results[0]
+
+
+def synchronous(function: Any, *args: Any) -> defer.Deferred[Any]:
+    return defer.maybeDeferred(function, *args)
+
+
+class HashTests(SynchronousTestCase):
+    def test_round_trip_and_salt(self) -> None:
+        stored = hash_password(b"s3cret")
+        self.assertTrue(stored.startswith(b"$scrypt$n=16384,r=8,p=1$"))
+        self.assertNotIn(b":", stored)  # it lives in a colon-separated file
+        self.assertTrue(verify_password(b"s3cret", stored))
+        self.assertFalse(verify_password(b"s3cret!", stored))
+        self.assertNotEqual(stored, hash_password(b"s3cret"))
+
+    def test_malformed_hashes_never_match(self) -> None:
+        good = hash_password(b"x")
+        for bad in (
+            b"",
+            b"$scrypt$",
+            b"x",
+            good.replace(b"n=16384", b"n=abc"),
+            good.replace(b"scrypt", b"bcrypt"),
+            good.replace(b"n=16384", b"n=1099511627776"),  # no memory bomb
+            good[:-5] + b"!!!!!",
+        ):
+            self.assertFalse(verify_password(b"x", bad), bad)
+
+
+class CheckerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.path = Path(temp_dir(self)) / "users.txt"
+        self.path.write_bytes(b"alice:" + hash_password(b"wonderland") + b"\nbob:plain\n")
+        self.checker = SaltedFilePasswordDB(str(self.path), run=synchronous)
+
+    def check(self, credentials: Any) -> Any:
+        return now(self.checker.requestAvatarId(credentials))
+
+    def test_hashed_and_plain_entries(self) -> None:
+        self.assertEqual(self.check(UsernamePassword(b"alice", b"wonderland")), b"alice")
+        self.assertEqual(self.check(UsernamePassword(b"bob", b"plain")), b"bob")
+        for user, password in ((b"alice", b"wrong"), (b"bob", b"wrong"), (b"nobody", b"x")):
+            self.assertTrue(self.check(UsernamePassword(user, password)).check(UnauthorizedLogin))
+
+    def test_apop_works_for_plain_entries_only(self) -> None:
+        # APOP needs the clear password, which a hash does not keep.
+        stamp = b"<1.2@host>"
+        from hashlib import md5
+
+        self.assertEqual(
+            self.check(APOPCredentials(stamp, b"bob", md5(stamp + b"plain").hexdigest().encode())), b"bob"
+        )
+        alice = APOPCredentials(stamp, b"alice", md5(stamp + b"wonderland").hexdigest().encode())
+        self.assertTrue(self.check(alice).check(UnauthorizedLogin))
+
+    def test_changes_to_the_file_apply_at_once(self) -> None:
+        set_password(str(self.path), "carol", b"new")
+        self.assertEqual(self.check(UsernamePassword(b"carol", b"new")), b"carol")
+
+    def test_unreadable_file_fails_the_login(self) -> None:
+        self.path.unlink()
+        self.assertTrue(self.check(UsernamePassword(b"alice", b"wonderland")).check(UnauthorizedLogin))
+        self.flushLoggedErrors()
+
+    def test_checkers_from_settings(self) -> None:
+        made = auth.checkers(settings_with(f"file:{self.path}", "memory:dave:pw"))
+        self.assertIsInstance(made[0], SaltedFilePasswordDB)
+        # strcred's memory checker stores str, so bytes credentials never
+        # matched on Python 3; ours stores bytes.
+        self.assertIsInstance(made[1], InMemoryUsernamePasswordDatabaseDontUse)
+        self.assertEqual(now(made[1].requestAvatarId(UsernamePassword(b"dave", b"pw"))), b"dave")
+
+    def test_several_auth_options_all_count(self) -> None:
+        # A Portal keeps one checker per interface: without any_of only the
+        # last --auth would be asked.
+        made = auth.any_of(auth.checkers(settings_with("memory:erin:1", "memory:fred:2")))
+        self.assertEqual(now(made.requestAvatarId(UsernamePassword(b"erin", b"1"))), b"erin")
+        self.assertEqual(now(made.requestAvatarId(UsernamePassword(b"fred", b"2"))), b"fred")
+        self.assertTrue(now(made.requestAvatarId(UsernamePassword(b"fred", b"1"))).check(UnauthorizedLogin))
+        only = auth.checkers(settings_with("memory:erin:1"))
+        self.assertIs(auth.any_of(only), only[0])
+
+    def test_any_of_skips_checkers_for_other_credentials(self) -> None:
+        from twisted.cred.checkers import AllowAnonymousAccess
+        from twisted.cred.credentials import Anonymous
+
+        memory = auth.checkers(settings_with("memory:erin:1"))[0]
+        made = auth.any_of([AllowAnonymousAccess(), memory])
+        self.assertEqual(now(made.requestAvatarId(UsernamePassword(b"erin", b"1"))), b"erin")
+        self.assertEqual(now(made.requestAvatarId(Anonymous())), ())
+        self.assertEqual(len(made.credentialInterfaces), 3)
+
+    def test_missing_file_is_a_config_error(self) -> None:
+        # Settings are checked where they are read, before any checker is built.
+        error = self.assertRaises(config.ConfigError, settings_with, "file:/no/such/users.txt")
+        self.assertIn("file:/no/such/users.txt: no such users file", str(error))
+
+
+class ThreadedCheckTests(unittest.TestCase):
+    """The default runner hashes in the reactor's thread pool."""
+
+    def setUp(self) -> None:
+        self.path = Path(temp_dir(self)) / "users.txt"
+        self.path.write_bytes(b"alice:" + hash_password(b"pw") + b"\n")
+
+    @defer.inlineCallbacks
+    def test_hash_checked_in_a_thread(self) -> Any:
+        checker = SaltedFilePasswordDB(str(self.path))
+        self.assertEqual((yield checker.requestAvatarId(UsernamePassword(b"alice", b"pw"))), b"alice")
+        with self.assertRaises(UnauthorizedLogin):
+            yield checker.requestAvatarId(UsernamePassword(b"alice", b"no"))
+
+
+class PasswdCommandTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.folder = Path(temp_dir(self))
+        self.path = self.folder / "users.txt"
+
+    def run_passwd(self, user: str, password: bytes) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "sockproto", "passwd", str(self.path), user],
+            input=password,
+            env=environment(),
+            capture_output=True,
+            timeout=60,
+        )
+
+    def test_writes_a_salted_hash_the_checker_accepts(self) -> None:
+        result = self.run_passwd("alice", b"wonder land\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stderr.decode().strip(), f"alice: password set in {self.path}")
+        user, stored = self.path.read_bytes().strip().split(b":", 1)
+        self.assertEqual(user, b"alice")
+        self.assertTrue(verify_password(b"wonder land", stored))
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+
+    def test_replaces_the_users_line_and_keeps_the_others(self) -> None:
+        self.path.write_bytes(b"# users\nbob:plain\nalice:old\ncarol:x\n")
+        set_password(str(self.path), "alice", b"new")
+        lines = self.path.read_bytes().splitlines()
+        self.assertEqual([line.split(b":")[0] for line in lines], [b"# users", b"bob", b"alice", b"carol"])
+        self.assertTrue(verify_password(b"new", lines[2].split(b":", 1)[1]))
+        self.assertEqual([p.name for p in self.folder.iterdir()], ["users.txt"])  # no temp file left
+
+    def test_refuses_bad_names_and_empty_passwords(self) -> None:
+        result = self.run_passwd("a:b", b"x\n")
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("cannot be a user name", result.stderr.decode())
+        result = self.run_passwd("alice", b"\n")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.decode().strip(), "python -m sockproto passwd: error: empty password")
+        self.assertFalse(self.path.exists())
