@@ -124,7 +124,7 @@ def interleaved_rounds(
                 own = by_server[server.name]
                 if server.name in stalled:
                     continue
-                if not server.alive():
+                if not server.alive() and not _restarted(ctx, server, f"{service} {case_name}"):
                     for figure in own:
                         figure.note = figure.note or "server exited"
                     continue
@@ -155,6 +155,23 @@ def interleaved_rounds(
         for own in by_server.values():
             figures.extend(own)
     return figures
+
+
+MAX_RESTARTS = 3
+
+
+def _restarted(ctx: Context, server: Any, where: str) -> bool:
+    """A server that crashed is started again (a few times), and the crash noted."""
+    restart = getattr(server, "restart", None)
+    if restart is None or getattr(server, "restarts", 0) >= MAX_RESTARTS:
+        return False
+    last_words = server.process.tail(1).strip() or "no output"
+    ctx.note(f"{server.name} exited during {where} ({last_words}); started it again")
+    try:
+        return bool(restart())
+    except ServerError as error:
+        ctx.say(f"  {server.name} would not start again: {error}")
+        return False
 
 
 def skipped(

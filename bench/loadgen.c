@@ -17,9 +17,10 @@
  *       CLIENTS connect to a chat room; SENDERS of them each keep WINDOW lines
  *       in flight (as seen by one observing client); NONREADER (0/1) adds one
  *       client that never reads.  Reports deliveries/s and delivery latency.
- *   loadgen serve PORT
- *       A C strip server (LF -> NUL, whitespace dropped), the reference that
- *       shows how fast the generator itself can go.
+ *   loadgen serve PORT [udp]
+ *       A C strip server (LF -> NUL, whitespace dropped), or with "udp" a C
+ *       daytime-style UDP responder: the references that show how fast the
+ *       generator itself can go.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -373,6 +374,7 @@ static int run_udp(int argc, char **argv) {
 /* ---- chat ----------------------------------------------------------------- */
 
 #define CHAT_LINE_MAX 8192
+#define JOIN_BATCH 8 /* clients connecting at once: below ncat's listen backlog */
 
 typedef struct {
     int fd;
@@ -525,21 +527,27 @@ static int run_chat(int argc, char **argv) {
     uint64_t began = now_ns();
     int silent = -1;
     if (nonreader) silent = tcp_connect(&sa, 4096);
-    /* Join one client at a time, each once the server has greeted the one
-       before (or after a second), reading everything meanwhile: a burst of
-       connects overflows a small listen backlog, and the SYN retries then
-       cost whole seconds that have nothing to do with the chat. */
+    /* Join the clients a few at a time, each batch once the server has
+       greeted the one before (or after a second), reading everything
+       meanwhile: a burst of connects overflows a small listen backlog (ncat's
+       is small), and SYN retries would cost whole seconds that have nothing to
+       do with the chat. */
     ch.measure_from = ch.end = UINT64_MAX;
     uint64_t t = now_ns(), quiet_since = t, join_limit = t + 30000000000ull;
     int joined = 0;
-    for (int i = 0; i < ch.clients && t < join_limit; i++) {
-        ch.c[i].fd = tcp_connect(&sa, 0);
-        watch(ch.ep, ch.c[i].fd, EPOLLIN, (uint64_t)i, EPOLL_CTL_ADD);
-        joined++;
+    while (joined < ch.clients && t < join_limit) {
+        int first = joined, last = joined + JOIN_BATCH < ch.clients ? joined + JOIN_BATCH : ch.clients;
+        for (int i = first; i < last; i++) {
+            ch.c[i].fd = tcp_connect(&sa, 0);
+            watch(ch.ep, ch.c[i].fd, EPOLLIN, (uint64_t)i, EPOLL_CTL_ADD);
+        }
+        joined = last;
         uint64_t greet_by = now_ns() + 1000000000ull;
-        while (!ch.c[i].greeted && t < greet_by && t < join_limit) {
+        for (;;) {
+            int waiting = 0;
+            for (int i = first; i < last; i++) waiting += ch.c[i].fd >= 0 && !ch.c[i].greeted;
+            if (!waiting || t >= greet_by || t >= join_limit) break;
             chat_pump(&ch, 10, &t, &quiet_since);
-            if (ch.c[i].fd < 0) break;
         }
     }
     double join_s = (double)(t - began) / 1e9;
@@ -617,12 +625,32 @@ typedef struct {
     outbuf_t out;
 } serve_conn_t;
 
+/* Answers every datagram with a fixed line as long as a daytime answer. */
+static _Noreturn void run_serve_udp(const struct sockaddr_in *sa) {
+    static const char answer[] = "Sun Nov 22 04:03:05 2026\r\n";
+    int fd = socket(AF_INET, SOCK_DGRAM, 0);
+    if (fd < 0) die("socket");
+    if (bind(fd, (const struct sockaddr *)sa, sizeof *sa) < 0) die("bind");
+    static char buf[65536];
+    for (;;) {
+        struct sockaddr_in from;
+        socklen_t len = sizeof from;
+        ssize_t got = recvfrom(fd, buf, sizeof buf, 0, (struct sockaddr *)&from, &len);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            die("recvfrom");
+        }
+        sendto(fd, answer, sizeof answer - 1, 0, (struct sockaddr *)&from, len);
+    }
+}
+
 static int run_serve(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr, "usage: loadgen serve PORT\n");
+    if (argc != 3 && !(argc == 4 && strcmp(argv[3], "udp") == 0)) {
+        fprintf(stderr, "usage: loadgen serve PORT [udp]\n");
         return 2;
     }
     struct sockaddr_in sa = address("127.0.0.1", atoi(argv[2]));
+    if (argc == 4) run_serve_udp(&sa);
     int lfd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     if (lfd < 0) die("socket");
     setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);

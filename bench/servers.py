@@ -175,13 +175,29 @@ def _descendants(root: int) -> list[int]:
 class Server:
     """A started server the load generators can point at."""
 
-    def __init__(self, name: str, process: Process, port: int) -> None:
+    def __init__(
+        self, name: str, process: Process, port: int, start_again: Callable[[], Server | None] | None = None
+    ) -> None:
         self.name = name
         self.process = process
         self.port = port
+        self.start_again = start_again
+        self.restarts = 0
 
     def alive(self) -> bool:
         return self.process.alive()
+
+    def restart(self) -> bool:
+        """After a crash: the same server again (on a new port); False if it cannot be."""
+        if self.start_again is None:
+            return False
+        self.process.stop()
+        again = self.start_again()
+        if again is None:
+            return False
+        self.process, self.port = again.process, again.port
+        self.restarts += 1
+        return True
 
     def stop(self) -> None:
         self.process.stop()
@@ -227,7 +243,7 @@ def start_ours(
     except BaseException:
         process.stop()
         raise
-    return Server("sockproto", process, port)
+    return Server("sockproto", process, port, lambda: start_ours(service, extra, work, ours_args, ready))
 
 
 def start_peer(
@@ -247,7 +263,7 @@ def start_peer(
     except BaseException:
         process.stop()
         raise
-    return Server(name, process, port)
+    return Server(name, process, port, lambda: start_peer(name, command, work, ready, kind, cwd))
 
 
 def python_peer(module: str, *args: str) -> Callable[[int], list[str]]:

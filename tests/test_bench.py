@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from bench import cli, wrk
 from bench.chart import ratios_by_service
+from bench.harness import MAX_RESTARTS, Context, Metric, interleaved_rounds
 from bench.report import TARGETS, cell, format_value, generator_checks, render_markdown
 from bench.scenarios.chat import Case as ChatCase
 from bench.scenarios.chat import chat_values
@@ -126,7 +127,7 @@ class RenderingTests(SynchronousTestCase):
         self.assertIn("0.95", measured)
 
     def test_generator_check_compares_the_fastest_reference_with_ours(self) -> None:
-        figures = [figure(OURS, [100.0]), figure("C epoll (generator check)", [400.0])]
+        figures = [figure(OURS, [100.0]), figure("C server (generator check)", [400.0])]
         (line,) = generator_checks(figures)
         self.assertIn("4.0x what it got from sockproto", line)
         self.assertIn("not the bottleneck", line)
@@ -243,3 +244,75 @@ class ParserTests(SynchronousTestCase):
 
     def test_results_folder_is_in_the_repository(self) -> None:
         self.assertEqual(cli.RESULTS, Path(__file__).resolve().parent.parent / "bench" / "results")
+
+
+class FakeProcess:
+    def tail(self, lines: int = 15) -> str:
+        return "Ncat: getpeername failed. QUITTING."
+
+
+class FakeServer:
+    """Crashes after every measurement; can be started again."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.process = FakeProcess()
+        self.up = True
+        self.restarts = 0
+
+    def alive(self) -> bool:
+        return self.up
+
+    def restart(self) -> bool:
+        self.restarts += 1
+        self.up = True
+        return True
+
+
+class RoundsTests(SynchronousTestCase):
+    def context(self, rounds: int) -> Context:
+        ctx = Context(cli.parse(["--rounds", str(rounds)]), Path("/nonexistent"), Path("/nonexistent"))
+        ctx.say = lambda message: None
+        return ctx
+
+    def test_rounds_rotate_the_order_and_collect_every_value(self) -> None:
+        order = []
+
+        def measure(server, case):
+            order.append(server.name)
+            return {"rate": float(len(order))}
+
+        servers = [FakeServer("a"), FakeServer("b")]
+        metric = Metric("round trips/s", "/s", "higher", "rate")
+        figures = interleaved_rounds(self.context(3), "strip", ["1 conn"], servers, [metric], measure)
+        self.assertEqual(order, ["a", "b", "b", "a", "a", "b"])
+        self.assertEqual([f.values for f in figures], [[1.0, 4.0, 5.0], [2.0, 3.0, 6.0]])
+
+    def test_a_crashed_server_is_started_again_a_few_times(self) -> None:
+        server = FakeServer("ncat --chat")
+
+        def measure(server, case):
+            server.up = False
+            return {"rate": 1.0}
+
+        ctx = self.context(MAX_RESTARTS + 3)
+        metric = Metric("deliveries/s", "/s", "higher", "rate")
+        (result,) = interleaved_rounds(ctx, "chat", ["10 clients"], [server], [metric], measure)
+        self.assertEqual(server.restarts, MAX_RESTARTS)
+        self.assertEqual(len(result.values), MAX_RESTARTS + 1)
+        self.assertEqual(result.note, "server exited")
+        self.assertIn("getpeername failed", ctx.notes[0])
+
+    def test_a_stalled_server_is_not_measured_again_in_that_case(self) -> None:
+        calls = []
+
+        def measure(server, case):
+            calls.append(case)
+            return {"rate": 0.0, "stalled": True, "note": "stalled: nothing delivered"}
+
+        metric = Metric("deliveries/s", "/s", "higher", "rate")
+        (result,) = interleaved_rounds(
+            self.context(3), "chat", ["10 clients"], [FakeServer("x")], [metric], measure
+        )
+        self.assertEqual((calls, result.values), (["10 clients"], [0.0]))
+        self.assertEqual(result.note, "stalled: nothing delivered; not repeated")

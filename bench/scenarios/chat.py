@@ -46,7 +46,7 @@ def run(ctx: Context) -> list[Figure]:
     all_cases = cases(ctx.plan.quick)
     ctx.setup(
         "chat",
-        "`loadgen chat` joins the clients one at a time (each once the server greeted the one before),"
+        "`loadgen chat` joins the clients 8 at a time (each batch once the server greeted the one before),"
         " waits until the room is quiet, then 1 sender per 10 clients (at most 10) keeps"
         f" {WINDOW} lines in flight, as seen by one observing client. Every line that reaches any"
         " client counts as a delivery; latency is from the send to each delivery.",

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass
 
 from bench.harness import Context, Metric, interleaved_rounds, run_loadgen, skipped
+from bench.report import C_REFERENCE
 from bench.servers import Server, python_peer, start_ours, start_peer, udp_answers
 from bench.stats import OURS, Figure
 
@@ -31,7 +32,8 @@ def run(ctx: Context) -> list[Figure]:
         "`loadgen udp` keeps 32 datagrams in flight from one socket, or 4 from each of 64 sockets bound to"
         " 127.0.1.1-64; a source silent for 50 ms starts its window again (losses are counted, not waited"
         " for). sockproto runs with `--udp-mode daytime --udp-rate 0` (no rate limit) and logs every"
-        " datagram, as it does by default; the peer logs nothing.",
+        " datagram, as it does by default; the peer logs nothing. A C responder (`loadgen serve PORT udp`)"
+        " shows how fast the generator goes.",
     )
     figures: list[Figure] = []
     with ctx.servers() as stack:
@@ -49,6 +51,15 @@ def run(ctx: Context) -> list[Figure]:
         )
         stack.callback(peer.stop)
         servers.append(peer)
+        reference = start_peer(
+            C_REFERENCE,
+            lambda port: [str(ctx.loadgen), "serve", str(port), "udp"],
+            ctx.work,
+            udp_answers,
+            socket.SOCK_DGRAM,
+        )
+        stack.callback(reference.stop)
+        servers.append(reference)
 
         def measure(server: Server, case: Case) -> dict[str, float]:
             plan = ctx.plan
