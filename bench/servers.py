@@ -58,6 +58,22 @@ def tcp_answers(port: int) -> bool:
         return False
 
 
+def tcp_greets(port: int) -> bool:
+    """A probe for servers that greet: read the greeting, half-close, read
+    until the server closes too. Leaving without a reset matters: ncat --chat
+    quits when it announces a client whose connection was reset."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            if not sock.recv(65536):
+                return False
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+            return True
+    except OSError:
+        return False
+
+
 def udp_answers(port: int, payload: bytes = b"Ping !") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.settimeout(0.2)

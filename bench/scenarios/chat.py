@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.harness import Context, Metric, interleaved_rounds, latencies_ms, run_loadgen, skipped
-from bench.servers import Server, start_ours, start_peer, tcp_answers
+from bench.servers import Server, start_ours, start_peer, tcp_greets
 from bench.stats import OURS, Figure
 
 WINDOW = 4
@@ -68,7 +68,7 @@ def run(ctx: Context) -> list[Figure]:
     with ctx.servers() as stack:
         servers: list[Server] = []
         ours = start_ours(
-            "chat", ["--chat-max-clients", "0", "--chat-rate", "0"], ctx.work, ctx.plan.ours_args, tcp_answers
+            "chat", ["--chat-max-clients", "0", "--chat-rate", "0"], ctx.work, ctx.plan.ours_args, tcp_greets
         )
         if ours is None:
             figures += skipped("chat", [str(c) for c in all_cases], METRICS, OURS, "not in the suite yet")
@@ -76,7 +76,7 @@ def run(ctx: Context) -> list[Figure]:
             stack.callback(ours.stop)
             servers.append(ours)
         if shutil.which("ncat"):
-            peer = start_peer("ncat --chat", ncat_command, ctx.work, tcp_answers)
+            peer = start_peer("ncat --chat", ncat_command, ctx.work, tcp_greets)
             stack.callback(peer.stop)
             servers.append(peer)
         else:
