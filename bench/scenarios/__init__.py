@@ -1,0 +1,1 @@
+"""One module per service: each defines ``run(ctx) -> list[Figure]``."""
