@@ -101,6 +101,23 @@ def strings(value: Any) -> tuple[str, ...]:
     raise ValueError(f"expected a list of strings, got {value!r}")
 
 
+def credential_checkers(value: Any) -> tuple[str, ...]:
+    """strcred descriptions (``memory:alice:secret``, ``file:users.txt``),
+    checked the way ``--auth`` checks them, so a TOML file gets the same."""
+    from twisted.cred.strcred import InvalidAuthType, makeChecker
+
+    descriptions = strings(value)
+    for description in descriptions:
+        kind = description.split(":", 1)[0]
+        try:
+            makeChecker(description)
+        except InvalidAuthType:
+            raise ValueError(f"unknown checker {kind!r} (twistd sockproto --help-auth lists them)") from None
+        except Exception as error:  # strcred raises several kinds; all mean 'bad'
+            raise ValueError(f"{kind}: {error}") from None
+    return descriptions
+
+
 def port_number(value: Any) -> int:
     number = _whole(value)
     if not 0 <= number <= 65535:
