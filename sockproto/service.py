@@ -15,7 +15,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
 
-from sockproto import __version__, strip
+from sockproto import __version__, chat, strip
 from sockproto.config import SERVICES, Settings
 from sockproto.listening import Listener, StartupError
 from sockproto.stats import Stats
@@ -89,6 +89,7 @@ def make_service(settings: Settings, reactor: Any = None, config_path: Path | No
 # service name -> build(settings, stats, reactor) -> Listener, or None when off
 BUILDERS: dict[str, Callable[[Settings, Stats, Any], Listener | None]] = {
     "strip": strip.build,
+    "chat": chat.build,
 }
 
 
