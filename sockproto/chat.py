@@ -147,9 +147,9 @@ class Room:
 
     def rename(self, member: Any, nick: str) -> None:
         old = member.nick
-        del self.members[old.lower()]
         member.nick = nick
-        self.members[nick.lower()] = member
+        # Rebuilt rather than moved, so /who keeps the joining order.
+        self.members = {(nick.lower() if m is member else key): m for key, m in self.members.items()}
         self.deliver(notice(f"{old} is now known as {nick}"), member)
 
     def say(self, member: Any, text: str) -> None:
