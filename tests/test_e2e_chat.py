@@ -134,6 +134,30 @@ class ChatEndToEndTests(SynchronousTestCase):
         self.assertEqual(self.suite.stop(), 0)
 
 
+class StallingShutdownTests(SynchronousTestCase):
+    def test_a_client_that_never_reads_delays_the_stop_at_most_5_s(self) -> None:
+        # No cap on pending output, so the stalled client keeps its backlog.
+        suite = Suite([*ALL_OFF, "--chat-port", "0", "--chat-rate", "0", "--chat-max-pending", "0"]).start()
+        self.addCleanup(suite.stop)
+        stalled, talker = socket.socket(), socket.socket()
+        for sock in (stalled, talker):
+            self.addCleanup(sock.close)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for sock in (stalled, talker):
+            sock.connect(suite.address("chat"))
+        talker.sendall(b"".join(b"%06d %s\n" % (i, b"z" * 1000) for i in range(2048)))
+        talker.sendall(b"/who\n")  # answered once the server has read all of the above
+        recv_until(talker, lambda d: b"*** 2 here" in d)
+        started = time.monotonic()
+        suite.process.send_signal(signal.SIGTERM)
+        suite.wait_log("received SIGTERM")
+        suite.process.send_signal(signal.SIGTERM)  # an impatient operator
+        self.assertEqual(suite.stop(), 0)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertTrue(suite.saw("chat stopped"))
+        self.assertFalse(suite.saw("Traceback"), suite.output)
+
+
 class SlowConsumerEndToEndTests(SynchronousTestCase):
     """ncat --chat's flaw: one client that does not read stalls the room."""
 
