@@ -303,7 +303,7 @@ class CommandTests(ChatTestCase):
     def test_who(self) -> None:
         a, b, _c = self.clients(3)
         b.send("/nick bob", "/who")
-        self.assertEqual(b.received()[-1], "*** 3 here: guest1, guest3, bob (you)")
+        self.assertEqual(b.received()[-1], "*** 3 here: guest1, bob (you), guest3")
         self.assertEqual(a.received(), ["*** guest2 is now known as bob"])
 
     def test_me(self) -> None:
