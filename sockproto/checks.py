@@ -111,8 +111,9 @@ def strings(value: Any) -> tuple[str, ...]:
 
 
 def auth_descriptions(value: Any) -> tuple[str, ...]:
-    """strcred checker descriptions (``memory:alice:secret``), each one checked."""
-    from twisted.cred.strcred import makeChecker
+    """strcred descriptions (``memory:alice:secret``, ``file:users.txt``),
+    checked the way ``--auth`` checks them, so a TOML file gets the same."""
+    from twisted.cred.strcred import InvalidAuthType, makeChecker
 
     descriptions = strings(value)
     for description in descriptions:
@@ -122,8 +123,9 @@ def auth_descriptions(value: Any) -> tuple[str, ...]:
             raise ValueError(f"file:{argument}: no such users file")
         try:
             makeChecker(description)
+        except InvalidAuthType:
+            raise ValueError(f"unknown checker {kind!r} (twistd sockproto --help-auth lists them)") from None
         except Exception as error:  # strcred raises several kinds; all mean 'bad'
-            kind = description.split(":", 1)[0]
             raise ValueError(f"bad checker {kind!r}: {error}") from None
     return descriptions
 

@@ -71,6 +71,12 @@ class ChatSettings:
         (20.0, 40.0), checks.rate, "Lines per second a chat client may send, RATE[/BURST] (0: off)."
     )
     auth: bool = option(False, checks.flag, "Require /login against --auth.", flag=True)
+    login_delay: float = option(
+        1.0,
+        checks.seconds,
+        "Wait before answering a failed chat login; doubles with each further failure "
+        "from the same address, up to 30 s (0: no wait).",
+    )
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,30 @@ def build(values: RawValues) -> Settings:
         except ValueError as error:
             raise ConfigError(f"{origin}: {error}") from None
     sections = {name: _section_type(name)(**kwargs) for name, kwargs in checked.items()}
-    return Settings(**sections)
+    settings = Settings(**sections)
+    _check_together(settings)
+    return settings
+
+
+def _check_together(settings: Settings) -> None:
+    """Settings that are each fine but do not work together."""
+    if settings.chat.auth and settings.chat.port != "off" and not password_checkers(settings.suite.auth):
+        raise ConfigError(
+            "--chat-auth ([chat] auth): no one could log in; give the accounts with --auth "
+            "(e.g. --auth memory:alice:secret or --auth file:users.txt)"
+        )
+
+
+def password_checkers(descriptions: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``--auth`` descriptions whose checkers take a user name and password."""
+    from twisted.cred.credentials import IUsernamePassword
+    from twisted.cred.strcred import findCheckerFactory
+
+    return tuple(
+        description
+        for description in descriptions
+        if IUsernamePassword in findCheckerFactory(description.split(":", 1)[0]).credentialInterfaces
+    )
 
 
 def _section_type(section: str) -> type:

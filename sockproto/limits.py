@@ -7,16 +7,19 @@
 - :class:`BoundedLineReceiver` is the line policy: LF lines with CR tolerated, a
   length cap answered with an error line, the last line kept on half-close.
 - :class:`TokenBucket` and :class:`BucketTable` are the rate limits.
+- :class:`OutputBuffer` bounds what waits to be sent to one slow peer.
+- :class:`FailureDelays` slows down a peer whose logins keep failing.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -30,6 +33,9 @@ log = Logger(namespace="sockproto")
 # How long a connection we decided to close may take to flush its last words
 # before it is aborted (twisted.web uses 15 s for the same purpose).
 CLOSE_GRACE = 15.0
+# How long a stopping service waits for its connections to take their last
+# words; the reactor drops whatever is still unsent when it stops.
+SHUTDOWN_GRACE = 5.0
 
 
 def peer_of(transport: Any) -> str:
@@ -151,6 +157,8 @@ class GuardedFactory(WrappingFactory):
     """Applies a :class:`ConnectionPolicy` and counts into a service's stats."""
 
     protocol = GuardedProtocol
+    # While stopping: (connections still closing, fired when none is, grace timer)
+    _stopping: tuple[set[Any], Deferred[None], Any] | None = None
 
     def __init__(
         self,
@@ -183,10 +191,21 @@ class GuardedFactory(WrappingFactory):
     def unregisterProtocol(self, p: Any) -> None:
         super().unregisterProtocol(p)
         self.stats.current -= 1
+        if self._stopping is not None:
+            waiting = self._stopping[0]
+            waiting.discard(p)
+            if not waiting:
+                self._stopped()
 
-    def server_stopping(self) -> None:
+    def server_stopping(self) -> Deferred[None] | None:
         """The service stops: each protocol with a ``server_stopping() -> bytes``
-        hook gets to say its last words, then its connection is closed."""
+        hook gets to say its last words, then its connection is closed.
+
+        The Deferred fires once those connections are closed (or after
+        ``SHUTDOWN_GRACE`` seconds): the reactor drops unsent output when it
+        stops, so the last words would otherwise never leave.
+        """
+        closing = []
         for wrapper in list(self.protocols):
             hook = getattr(wrapper.wrappedProtocol, "server_stopping", None)
             if hook is not None:
@@ -194,6 +213,21 @@ class GuardedFactory(WrappingFactory):
                 if farewell:
                     wrapper.write(farewell)
                 wrapper.loseConnection()
+                closing.append(wrapper)
+        waiting = {wrapper for wrapper in closing if wrapper in self.protocols}
+        if not waiting:
+            return None
+        done: Deferred[None] = Deferred()
+        timer = self.clock.callLater(SHUTDOWN_GRACE, self._stopped)
+        self._stopping = (waiting, done, timer)
+        return done
+
+    def _stopped(self) -> None:
+        if self._stopping is not None:
+            _waiting, done, timer = self._stopping
+            self._stopping = None
+            _cancel(timer)
+            done.callback(None)
 
 
 def close_gently(transport: Any, clock: Any, owner: Any = None) -> None:
@@ -336,3 +370,141 @@ class BucketTable:
             if len(buckets) < self.max_keys and not oldest.idle_enough():
                 return
             buckets.popitem(last=False)
+
+
+@implementer(IPushProducer)
+class OutputBuffer:
+    """Output to one peer that never blocks the writer and never grows without bound.
+
+    It registers as the transport's streaming producer: while the transport's
+    own buffer is full (the transport calls :meth:`pauseProducing`), output
+    waits here; once the transport has sent it all (:meth:`resumeProducing`),
+    it moves on. When more than ``limit`` bytes wait here, ``overflow()`` is
+    called once and the output is dropped: that peer does not keep up, and the
+    writer (one chat room, say) must not wait for it or hold its backlog.
+    ``limit`` 0 means no cap. A registered producer keeps a connection open,
+    so call :meth:`finish` or :meth:`discard` before closing it.
+    """
+
+    def __init__(self, transport: Any, limit: int, overflow: Callable[[], Any]) -> None:
+        self.transport = transport
+        self.limit = limit
+        self._overflow = overflow
+        self._queue: deque[bytes] = deque()
+        self.pending = 0  # bytes waiting here, beyond the transport's buffer
+        self.paused = False
+        self.closed = False
+        transport.registerProducer(self, True)
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.paused and not self._queue:
+            self.transport.write(data)
+            return
+        self._queue.append(data)
+        self.pending += len(data)
+        if self.limit and self.pending > self.limit:
+            self._stop(unregister=True)
+            self._overflow()
+
+    def finish(self) -> None:
+        """Hand everything waiting to the transport and step aside."""
+        if not self.closed:
+            queued = list(self._queue)
+            self._stop(unregister=True)
+            if queued:
+                self.transport.writeSequence(queued)
+
+    def discard(self) -> None:
+        """Drop everything waiting and step aside."""
+        self._stop(unregister=True)
+
+    def _stop(self, unregister: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
+        self.pending = 0
+        if unregister:
+            self.transport.unregisterProducer()
+
+    # IPushProducer: the transport calls these.
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        queue = self._queue
+        # Refill the transport until it says it is full again.
+        while queue and not self.paused and not self.closed:
+            chunk = queue.popleft()
+            self.pending -= len(chunk)
+            self.transport.write(chunk)
+
+    def stopProducing(self) -> None:
+        """The connection is gone."""
+        self._stop(unregister=False)
+
+
+class FailureDelays:
+    """A growing wait before a peer whose logins keep failing gets its answer.
+
+    The first failure from a key (a peer's address) is answered after ``base``
+    seconds, each further one after twice as long as the one before, up to
+    ``cap``. The waits of one key queue up behind each other, so trying on
+    many connections at once gains nothing, and no answer of any kind goes out
+    to a key before its wait is over. A key that has not failed for ``forget``
+    seconds starts afresh; at most ``max_keys`` are kept, the least recently
+    failed forgotten first. ``base`` 0 turns the delays off.
+    """
+
+    def __init__(
+        self,
+        base: float,
+        cap: float,
+        now: Callable[[], float],
+        forget: float = 600.0,
+        max_keys: int = 10000,
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self._now = now
+        self.forget = forget
+        self.max_keys = max_keys
+        # key -> [failures, time before which no answer goes out]
+        self._keys: OrderedDict[Hashable, list[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def wait(self, key: Hashable) -> float:
+        """Seconds before any answer may go to ``key``."""
+        self._expire()
+        entry = self._keys.get(key)
+        return 0.0 if entry is None else max(0.0, entry[1] - self._now())
+
+    def failed(self, key: Hashable) -> float:
+        """Count a failure; the seconds before it may be answered."""
+        if not self.base:
+            return 0.0
+        self._expire()
+        now = self._now()
+        entry = self._keys.pop(key, None) or [0, now]
+        entry[0] += 1
+        entry[1] = max(now, entry[1]) + min(self.cap, self.base * 2 ** (entry[0] - 1))
+        self._keys[key] = entry
+        while len(self._keys) > self.max_keys:
+            self._keys.popitem(last=False)
+        return entry[1] - now
+
+    def succeeded(self, key: Hashable) -> None:
+        self._keys.pop(key, None)
+
+    def _expire(self) -> None:
+        keys, limit = self._keys, self._now() - self.forget
+        while keys:
+            oldest = next(iter(keys.values()))
+            if oldest[1] > limit:
+                return
+            keys.popitem(last=False)

@@ -21,7 +21,6 @@ import os
 import re
 import secrets
 import socket
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from hashlib import md5
 from pathlib import Path
@@ -42,7 +41,7 @@ from zope.interface import implementer
 from sockproto import __version__, auth
 from sockproto.config import ConfigError, Settings
 from sockproto.endpoints import loopback_only, stream_description
-from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, peer_of
+from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, FailureDelays, peer_of
 from sockproto.listening import Listener, stream_listener
 from sockproto.maildir import IMaildrop, MailboxInUseError, Maildrop, WireReader, valid_user
 from sockproto.stats import ServiceStats, Stats
@@ -108,29 +107,6 @@ class MaildirRealm:
             raise UnauthorizedLogin("not a valid mailbox name")
         drop = Maildrop.open(self.root, user)
         return IMaildrop, drop, drop.close
-
-
-class FailedLogins:
-    """Recent failed logins per host: the answer to the next one waits
-    ``base`` seconds, doubled for each further failure from that host in the
-    last ``window`` seconds, up to MAX_AUTH_DELAY. Bounded in hosts."""
-
-    def __init__(self, base: float, now: Callable[[], float], window: float = 600.0, max_hosts: int = 10000):
-        self.base = base
-        self._now = now
-        self.window = window
-        self.max_hosts = max_hosts
-        self._hosts: OrderedDict[str, tuple[int, float]] = OrderedDict()
-
-    def failed(self, host: str) -> float:
-        """Record a failure from ``host``; the seconds to wait before saying so."""
-        now = self._now()
-        count, last = self._hosts.pop(host, (0, now))
-        count = 1 if now - last > self.window else min(count + 1, 32)
-        self._hosts[host] = (count, now)
-        while len(self._hosts) > self.max_hosts:
-            self._hosts.popitem(last=False)
-        return min(self.base * 2 ** (count - 1), max(self.base, MAX_AUTH_DELAY))
 
 
 def _number(word: bytes) -> int | None:
@@ -661,7 +637,7 @@ class Pop3Factory(Factory):
         self.require_tls = require_tls
         self.anyone = anyone
         self.warn_plaintext = warn_plaintext
-        self.failed_logins = FailedLogins(auth_delay, clock.seconds)
+        self.failed_logins = FailureDelays(auth_delay, MAX_AUTH_DELAY, clock.seconds)
         # For the APOP timestamp, a msg-id: <random.time@host>.
         self.hostname = (
             re.sub(rb"[^A-Za-z0-9.-]", b"", socket.gethostname().encode("ascii", "ignore")) or b"localhost"

@@ -5,6 +5,7 @@ Both front doors (the twistd plugin and the .tac file) call :func:`make_service`
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
@@ -13,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
-from sockproto import __version__, http, pop3, strip, udp
+from sockproto import __version__, chat, http, pop3, strip, udp
 from sockproto.config import SERVICES, Settings
 from sockproto.listening import Listener, StartupError
 from sockproto.stats import Stats
@@ -66,9 +68,14 @@ class Suite(MultiService):
         if threading.current_thread() is not threading.main_thread():
             return
 
+        def stop() -> None:
+            # A second SIGTERM while the services say goodbye is no error.
+            with contextlib.suppress(ReactorNotRunning):
+                self.reactor.stop()
+
         def on_sigterm(signum: int, frame: Any) -> None:
             log.info("received SIGTERM, stopping")
-            self.reactor.callFromThread(self.reactor.stop)
+            self.reactor.callFromThread(stop)
 
         signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -89,6 +96,7 @@ def make_service(settings: Settings, reactor: Any = None, config_path: Path | No
 # service name -> build(settings, stats, reactor) -> Listener, or None when off
 BUILDERS: dict[str, Callable[[Settings, Stats, Any], Listener | None]] = {
     "strip": strip.build,
+    "chat": chat.build,
     "udp": udp.build,
     "http": http.build,
     "pop3": pop3.build,

@@ -77,7 +77,7 @@ class TomlTests(SynchronousTestCase):
             "colour = 'blue'\n": "colour: unknown setting",
             "[strip\n": "not valid TOML",
             "strip = 3\n": "[strip] must be a table",
-            "auth = ['nonsense:x']\n": "auth: bad checker 'nonsense'",
+            "auth = ['nonsense:x']\n": "auth: unknown checker 'nonsense'",
             "auth = ['file:/no/such/users.txt']\n": "auth: file:/no/such/users.txt: no such users file",
         }
         for text, expected in cases.items():

@@ -23,7 +23,7 @@ from zope.interface import implementer
 from sockproto import __version__, auth, config
 from sockproto.limits import ConnectionPolicy, GuardedFactory
 from sockproto.maildir import Maildir
-from sockproto.pop3 import MAX_LINE, AnyLogin, FailedLogins, MaildirRealm, Pop3Factory, Pop3Protocol
+from sockproto.pop3 import MAX_LINE, AnyLogin, MaildirRealm, Pop3Factory, Pop3Protocol
 from sockproto.stats import Stats
 from tests.support import temp_dir
 
@@ -608,18 +608,3 @@ class StlsTests(SynchronousTestCase):
     def test_stls_without_tls_configured(self) -> None:
         client = Server(self).connect()
         self.assertEqual(client.send(b"STLS\r\n"), b"-ERR STLS is not available (no --tls-cert)\r\n")
-
-
-class FailedLoginsTests(SynchronousTestCase):
-    def test_delay_doubles_caps_and_forgets(self) -> None:
-        clock = Clock()
-        failures = FailedLogins(1.0, clock.seconds, window=600, max_hosts=2)
-        self.assertEqual([failures.failed("a") for _ in range(7)], [1, 2, 4, 8, 16, 30, 30])
-        self.assertEqual(failures.failed("b"), 1)
-        clock.advance(601)
-        self.assertEqual(failures.failed("a"), 1)
-        failures.failed("c")
-        self.assertEqual(len(failures._hosts), 2)
-
-    def test_zero_turns_it_off(self) -> None:
-        self.assertEqual(FailedLogins(0.0, Clock().seconds).failed("a"), 0)

@@ -1,0 +1,572 @@
+"""The chat server: one room, many clients, never stalled by a slow one.
+
+Seed 000's broadcast loop, done the way ``ncat --chat`` does not: every line a
+client sends reaches every other client as ``<nick> text``, but a client that
+stops reading costs the room nothing (its output waits in a bounded
+:class:`~sockproto.limits.OutputBuffer` and past ``--chat-max-pending`` it is
+dropped as too slow), a client that floods is slowed by TCP backpressure
+instead of being silenced, and no client can drive another's terminal.
+
+The room (:class:`Room`) and the text rules (:func:`clean`, :func:`valid_nick`,
+...) know nothing of sockets; :class:`ChatProtocol` is the I/O around them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from sockproto import auth
+from sockproto.config import ChatSettings, Settings
+from sockproto.limits import (
+    BoundedLineReceiver,
+    ConnectionPolicy,
+    FailureDelays,
+    OutputBuffer,
+    TokenBucket,
+    peer_of,
+)
+from sockproto.listening import Listener, stream_listener
+from sockproto.stats import ServiceStats, Stats
+from sockproto.text import loggable
+
+log = Logger(namespace="sockproto")
+
+NICK_RULE = "1 to 32 letters, digits, _ or -"
+_NICK = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
+_COMMAND = re.compile(r"/(\S*)\s*(.*)", re.DOTALL)
+# Longest wait before a failed login is answered (--chat-login-delay doubles up to it).
+LOGIN_DELAY_CAP = 30.0
+OVERFLOW_MESSAGE = b"error: too many users, try again later\r\n"
+
+# C0 controls except TAB, DEL, and the C1 controls (U+0080-U+009F, which some
+# terminals obey as ESC sequences even in UTF-8): removed from all relayed text.
+_CONTROLS: dict[int, None] = dict.fromkeys([*range(0x00, 0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0)])
+
+
+def clean(line: bytes) -> str:
+    """A client's line as text fit to relay: UTF-8 (bad bytes become U+FFFD),
+    with the characters that could drive a terminal removed."""
+    return line.decode("utf-8", "replace").translate(_CONTROLS)
+
+
+def valid_nick(name: str) -> bool:
+    return _NICK.fullmatch(name) is not None
+
+
+def said(nick: str, text: str) -> bytes:
+    return f"<{nick}> {text}\r\n".encode()
+
+
+def acted(nick: str, action: str) -> bytes:
+    return f"* {nick} {action}\r\n".encode()
+
+
+def notice(text: str) -> bytes:
+    """A line from the server itself."""
+    return f"*** {text}\r\n".encode()
+
+
+def error(text: str) -> bytes:
+    return f"error: {text}\r\n".encode()
+
+
+def split_command(text: str) -> tuple[str, str]:
+    """``"/Nick  bob "`` -> ``("nick", "bob")``; the text must start with ``/``."""
+    match = _COMMAND.fullmatch(text)
+    return (match[1].lower(), match[2].strip()) if match else ("", "")
+
+
+HELP = [
+    "commands:",
+    "  /nick NAME      change your nickname (" + NICK_RULE + ")",
+    "  /who            list who is here",
+    "  /me ACTION      tell the others what you do: * you ACTION",
+    "  /quit [REASON]  leave; the others see the reason",
+    "  /help           this list",
+    "anything else goes to everyone else as <you> text; //text sends /text",
+]
+LOGIN_HELP = ["  /login USER PASSWORD  log in first; your nickname is your user name"]
+
+
+class Room:
+    """Who is here, what was said lately, and delivery to everyone else.
+
+    A member is anything with a ``nick`` and a ``send(bytes)``: the room knows
+    no sockets. Nicknames are unique regardless of case.
+    """
+
+    def __init__(self, history: int) -> None:
+        self.members: dict[str, Any] = {}  # nick.lower() -> member, in joining order
+        self.history: deque[bytes] = deque(maxlen=history)
+        self.closing = False  # the server stops: everyone leaves, no one is told
+        self._guests = 0
+        self._outgoing: deque[tuple[bytes, Any]] = deque()
+        self._delivering = False
+
+    def __contains__(self, member: Any) -> bool:
+        return self.members.get(member.nick.lower()) is member
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def taken(self, nick: str) -> bool:
+        return nick.lower() in self.members
+
+    def guest_nick(self) -> str:
+        """The next free ``guestN``."""
+        while True:
+            self._guests += 1
+            nick = f"guest{self._guests}"
+            if not self.taken(nick):
+                return nick
+
+    def nicks(self) -> list[str]:
+        return [member.nick for member in self.members.values()]
+
+    def join(self, member: Any) -> None:
+        self.deliver(notice(f"{member.nick} joined"))
+        self.members[member.nick.lower()] = member
+
+    def leave(self, member: Any, reason: str) -> None:
+        if member in self:
+            del self.members[member.nick.lower()]
+            if not self.closing:
+                self.deliver(notice(f"{member.nick} left ({reason})"))
+
+    def rename(self, member: Any, nick: str) -> None:
+        old = member.nick
+        member.nick = nick
+        # Rebuilt rather than moved, so /who keeps the joining order.
+        self.members = {(nick.lower() if m is member else key): m for key, m in self.members.items()}
+        self.deliver(notice(f"{old} is now known as {nick}"), member)
+
+    def say(self, member: Any, text: str) -> None:
+        self._relay(said(member.nick, text), member)
+
+    def act(self, member: Any, action: str) -> None:
+        self._relay(acted(member.nick, action), member)
+
+    def _relay(self, line: bytes, sender: Any) -> None:
+        self.history.append(line)
+        self.deliver(line, sender)
+
+    def deliver(self, line: bytes, sender: Any = None) -> None:
+        """Send ``line`` to every member but ``sender``.
+
+        Sending can make a member leave (too slow), and leaving is announced:
+        such lines queue behind the current one instead of nesting.
+        """
+        self._outgoing.append((line, sender))
+        if self._delivering:
+            return
+        self._delivering = True
+        try:
+            while self._outgoing:
+                data, source = self._outgoing.popleft()
+                for member in list(self.members.values()):
+                    if member is not source:
+                        member.send(data)
+        finally:
+            self._delivering = False
+
+
+class ChatProtocol(BoundedLineReceiver):
+    """One client: lines in, room traffic out.
+
+    Lines are split a whole block at a time and wait in ``_lines`` while the
+    client is held (over its rate, or while its login is checked); while held,
+    its socket is not read, so TCP slows the client down and nothing is lost.
+    """
+
+    factory: ChatFactory
+    service_stats: ServiceStats
+    nick = ""  # set once the client is in the room
+    _leaving = ""  # why the connection ends, once that is decided
+    _flood_logged = False
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.room = factory.room
+        self.peer = peer_of(self.transport)
+        self.output = OutputBuffer(self.transport, factory.settings.max_pending, self._too_slow)
+        rate, burst = factory.settings.rate
+        self.bucket = TokenBucket(rate, burst, factory.clock.seconds) if rate else None
+        self._lines: deque[bytes] = deque()
+        self._holds: set[str] = set()
+        self._timers: dict[str, Any] = {}
+        self._reading = True
+        self._eof = False
+        self._overlong: bytes | None = None
+        if factory.logins:
+            self.send(notice("welcome to sockproto chat; log in with /login USER PASSWORD (/help for more)"))
+        else:
+            self._enter(self.room.guest_nick())
+
+    def send(self, data: bytes) -> None:
+        self.output.write(data)
+
+    # Input: blocks of lines, held while the client must wait.
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._leaving or self._overlong is not None:
+            return
+        lines = (self._buffer + data).split(b"\n") if self._buffer else data.split(b"\n")
+        self._buffer = lines.pop()
+        limit = self.MAX_LENGTH
+        if len(self._buffer) > limit or (lines and max(map(len, lines)) > limit):
+            # Lines before the long one still count; then it ends the session.
+            first = next((i for i, line in enumerate(lines) if len(line) > limit), len(lines))
+            self._overlong = lines[first] if first < len(lines) else self._buffer
+            del lines[first:]
+            self._buffer = b""
+        self._lines.extend(lines)
+        self._work()
+
+    def readConnectionLost(self) -> None:
+        """EOF: the last line counts even without LF; then the client leaves."""
+        if self._buffer:
+            self._lines.append(self._buffer)
+            self._buffer = b""
+        self._eof = True
+        self._work()
+
+    def writeConnectionLost(self) -> None:
+        self._depart("connection lost")
+        self.output.discard()
+        self.transport.loseConnection()
+
+    def _work(self) -> None:
+        """Handle the waiting lines unless held, then what ends the input."""
+        lines = self._lines
+        while lines and not self._holds and not self._leaving:
+            self.lineReceived(lines.popleft())
+        if lines or self._holds or self._leaving:
+            return
+        if self._overlong is not None:
+            self.lineLengthExceeded(self._overlong)
+        elif self._eof:
+            self._close("EOF")
+
+    def _hold(self, why: str, seconds: float | None = None) -> None:
+        """Stop handling (and reading) this client's lines until :meth:`_release`."""
+        self._holds.add(why)
+        if seconds is not None:
+            self._timers[why] = self.factory.clock.callLater(seconds, self._release, why)
+        self._set_reading(False)
+
+    def _release(self, why: str) -> None:
+        self._timers.pop(why, None)
+        self._holds.discard(why)
+        if not self._holds and not self._leaving:
+            self._work()
+            if not self._holds:
+                self._set_reading(True)
+
+    def _set_reading(self, reading: bool) -> None:
+        if reading != self._reading and not self._leaving:
+            self._reading = reading
+            if reading:
+                self.transport.resumeProducing()
+            else:
+                self.transport.pauseProducing()
+
+    def line_received(self, line: bytes) -> None:
+        if self.bucket is not None:
+            self.bucket.take()
+        self._handle(line)
+        if self.bucket is not None and not self._leaving:
+            wait = self.bucket.wait()
+            if wait > 0:
+                self._over_rate(wait)
+
+    def _over_rate(self, wait: float) -> None:
+        self.service_stats.limit_hit("rate")
+        if not self._flood_logged:
+            self._flood_logged = True
+            log.info(
+                "chat: {peer} sends faster than {rate:g} lines/s; reading it more slowly",
+                peer=self.peer,
+                rate=self.bucket.rate if self.bucket else 0,
+            )
+        self._hold("rate", wait)
+
+    # Commands and chat.
+
+    def _handle(self, line: bytes) -> None:
+        text = clean(line)
+        if not self.nick:
+            self._before_login(line, text)
+        elif text.startswith("//"):
+            self._say(text[1:])
+        elif text.startswith("/"):
+            name, argument = split_command(text)
+            command = self._COMMANDS.get(name)
+            if command is None:
+                self.send(error(f"unknown command /{name} (/help lists them)"))
+            else:
+                command(self, argument)
+        else:
+            self._say(text)
+
+    def _say(self, text: str) -> None:
+        if text.strip():
+            self.room.say(self, text)
+            self.service_stats.handled += 1
+
+    def do_me(self, action: str) -> None:
+        if not action:
+            self.send(error("usage: /me ACTION"))
+            return
+        self.room.act(self, action)
+        self.service_stats.handled += 1
+
+    def do_nick(self, name: str) -> None:
+        if self.factory.logins:
+            self.send(error("your nickname is your user name here"))
+        elif not valid_nick(name):
+            self.send(error(f"a nickname is {NICK_RULE}"))
+        elif name == self.nick:
+            self.send(notice(f"you are already {name}"))
+        elif self.room.taken(name) and name.lower() != self.nick.lower():
+            self.send(error(f"{name} is taken"))
+        else:
+            old = self.nick
+            self.room.rename(self, name)
+            self.send(notice(f"you are now {name}"))
+            log.info("chat: {old} is now {nick}", old=old, nick=name)
+
+    def do_who(self, _argument: str) -> None:
+        nicks = [f"{nick} (you)" if nick == self.nick else nick for nick in self.room.nicks()]
+        self.send(notice(f"{len(nicks)} here: {', '.join(nicks)}"))
+
+    def do_help(self, _argument: str) -> None:
+        lines = HELP[:1] + (LOGIN_HELP if self.factory.logins else []) + HELP[1:]
+        self.send(b"".join(notice(line) for line in lines))
+
+    def do_quit(self, reason: str) -> None:
+        self.send(notice("goodbye"))
+        self._close(f"quit: {reason}" if reason else "quit")
+
+    def do_login(self, _argument: str) -> None:
+        if self.factory.logins:
+            self.send(error(f"you are already logged in as {self.nick}"))
+        else:
+            self.send(error("no login here; /nick NAME picks your nickname"))
+
+    _COMMANDS: dict[str, Callable[[ChatProtocol, str], None]] = {
+        "me": do_me,
+        "nick": do_nick,
+        "who": do_who,
+        "help": do_help,
+        "quit": do_quit,
+        "login": do_login,
+    }
+
+    # Logging in (with --chat-auth): nothing but /login, /help and /quit before it.
+
+    def _before_login(self, line: bytes, text: str) -> None:
+        name, argument = split_command(text) if text.startswith("/") else ("", "")
+        if name == "login":
+            self._login(line)
+        elif name in ("help", "quit"):
+            self._COMMANDS[name](self, argument)
+        else:
+            self.send(error("log in first: /login USER PASSWORD"))
+
+    def _login(self, line: bytes) -> None:
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            self.send(error("usage: /login USER PASSWORD"))
+            return
+        user = parts[1].decode("utf-8", "replace")
+        if not valid_nick(user):
+            self.send(error(f"that user name cannot be a nickname ({NICK_RULE})"))
+            return
+        # Hold the client's later lines until the answer, which may be slowed.
+        self._hold("login")
+        checked = authenticate(self.factory.checkers, UsernamePassword(parts[1], parts[2]))
+        checked.addBoth(self._login_checked, user)
+
+    def _login_checked(self, result: Any, user: str) -> None:
+        if self._leaving:
+            return
+        delays, host = self.factory.login_delays, self._host()
+        accepted = not isinstance(result, Failure)
+        if accepted:
+            wait = delays.wait(host)
+            delays.succeeded(host)
+        else:
+            if not result.check(LoginFailed):
+                log.error(
+                    "chat: checking the login of {user} failed: {error}",
+                    user=user,
+                    error=result.getErrorMessage(),
+                )
+            self.service_stats.counters["login_failed"] += 1
+            wait = delays.failed(host)
+            log.info(
+                "chat: {peer} failed to log in as {user}; answering in {wait:g} s",
+                peer=self.peer,
+                user=loggable(user),
+                wait=wait,
+            )
+        if wait > 0:
+            self._timers["login answer"] = self.factory.clock.callLater(
+                wait, self._answer_login, user, accepted
+            )
+        else:
+            self._answer_login(user, accepted)
+
+    def _answer_login(self, user: str, accepted: bool) -> None:
+        self._timers.pop("login answer", None)
+        if not accepted:
+            self.send(error("login failed"))
+        elif self.room.taken(user):
+            self.send(error(f"{user} is already here"))
+        else:
+            self.service_stats.counters["logins"] += 1
+            self._enter(user)
+        self._release("login")
+
+    def _host(self) -> str:
+        return str(getattr(self.transport.getPeer(), "host", None) or "local")
+
+    # Joining and leaving.
+
+    def _enter(self, nick: str) -> None:
+        self.nick = nick
+        if self.factory.logins:
+            welcome = f"welcome, {nick}; /help lists the commands"
+        else:
+            welcome = (
+                f"welcome to sockproto chat, you are {nick}; /nick NAME changes it, /help lists the commands"
+            )
+        self.output.write(b"".join([notice(welcome), *self.room.history]))
+        self.room.join(self)
+        log.info("chat: {peer} joined as {nick}", peer=self.peer, nick=nick)
+
+    def _depart(self, reason: str) -> None:
+        """Leave the room (once), telling the others why."""
+        if self._leaving:
+            return
+        self._leaving = reason
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        if self.room.closing:
+            return
+        if self.nick:
+            self.room.leave(self, reason)
+            log.info(
+                "chat: {nick} ({peer}) left: {reason}",
+                nick=self.nick,
+                peer=self.peer,
+                reason=loggable(reason),
+            )
+        else:
+            log.info(
+                "chat: {peer} left without logging in: {reason}", peer=self.peer, reason=loggable(reason)
+            )
+
+    def _close(self, reason: str) -> None:
+        self._depart(reason)
+        self.output.finish()
+        self.transport.loseConnection()
+
+    def _too_slow(self) -> None:
+        """Its unread output passed --chat-max-pending: drop it, now."""
+        self.service_stats.limit_hit("max_pending")
+        self.service_stats.counters["dropped_slow"] += 1
+        log.info(
+            "chat: dropping {nick} ({peer}): over {limit} bytes of output unread",
+            nick=self.nick,
+            peer=self.peer,
+            limit=self.factory.settings.max_pending,
+        )
+        self._depart("too slow")
+        self.transport.abortConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._depart("line too long")
+        self.output.finish()
+        super().lineLengthExceeded(line)
+
+    def idle_timed_out(self) -> bytes:
+        self._depart("idle timeout")
+        self.output.finish()
+        return notice(f"idle for {self.factory.settings.idle_timeout:g} s; goodbye")
+
+    def server_stopping(self) -> bytes:
+        self.room.closing = True
+        self._depart("server shutting down")
+        self.output.finish()
+        return notice("server shutting down")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if not self._leaving:
+            if reason is None or reason.check(ConnectionDone):
+                self._depart("EOF")
+            else:
+                self._depart("connection reset")
+
+
+def authenticate(checkers: Sequence[ICredentialsChecker], credentials: Any) -> Deferred[Any]:
+    """The avatar id from the first checker that accepts ``credentials``."""
+    if not checkers:
+        return fail(UnauthorizedLogin())
+    return maybeDeferred(auth.any_of(list(checkers)).requestAvatarId, credentials)
+
+
+class ChatFactory(Factory):
+    """The room and the settings every client of it shares."""
+
+    protocol = ChatProtocol
+
+    def __init__(
+        self,
+        settings: ChatSettings,
+        stats: ServiceStats,
+        clock: Any,
+        checkers: Sequence[ICredentialsChecker] = (),
+    ) -> None:
+        self.settings = settings
+        self.stats = stats
+        self.clock = clock
+        self.logins = settings.auth
+        self.checkers = [c for c in checkers if IUsernamePassword in c.credentialInterfaces]
+        self.room = Room(settings.history)
+        self.login_delays = FailureDelays(settings.login_delay, LOGIN_DELAY_CAP, clock.seconds)
+
+    def buildProtocol(self, addr: Any) -> ChatProtocol:
+        protocol = ChatProtocol()
+        protocol.factory = self
+        protocol.MAX_LENGTH = self.settings.max_line
+        protocol.service_stats = self.stats
+        return protocol
+
+
+def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
+    """The chat service as configured, or None when its port is off."""
+    chat = settings.chat
+    service_stats = stats.service("chat", "lines")
+    checkers = auth.checkers(settings) if chat.auth else []
+    factory = ChatFactory(chat, service_stats, reactor, checkers)
+    policy = ConnectionPolicy(
+        max_clients=chat.max_clients, overflow_message=OVERFLOW_MESSAGE, idle_timeout=chat.idle_timeout
+    )
+    return stream_listener(
+        "chat", chat.port, settings.suite.interface, factory, policy, service_stats, reactor
+    )

@@ -1,0 +1,632 @@
+"""The chat room and protocol, driven with StringTransports and a Clock (no sockets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from sockproto import chat
+from sockproto.config import ChatSettings
+from sockproto.limits import ConnectionPolicy, GuardedFactory
+from sockproto.stats import ServiceStats
+
+
+class TextTests(SynchronousTestCase):
+    def test_controls_removed_tab_kept(self) -> None:
+        self.assertEqual(chat.clean(b"a\x1b[31mb\x07c\x08d\te\x7ff\x00g\r"), "a[31mbcd\tefg")
+
+    def test_c1_controls_removed(self) -> None:
+        # U+009B is CSI: some terminals obey it like ESC [
+        self.assertEqual(chat.clean("x\u009b2Jy\u0085z".encode()), "x2Jyz")
+
+    def test_invalid_utf8_replaced(self) -> None:
+        self.assertEqual(chat.clean(b"caf\xc3\xa9 \xff\xfe ok"), "caf\xe9 \ufffd\ufffd ok")
+
+    def test_other_text_untouched(self) -> None:
+        text = "h\xe9llo \u4e16\u754c \U0001f600 <b>&amp;"
+        self.assertEqual(chat.clean(text.encode()), text)
+
+    def test_nicknames(self) -> None:
+        for good in ("a", "Alice", "bob_2", "x-y", "9" * 32):
+            self.assertTrue(chat.valid_nick(good), good)
+        for bad in ("", "a" * 33, "al ice", "al\xefce", "a.b", "a\n", "<b>", "\u0661"):
+            self.assertFalse(chat.valid_nick(bad), bad)
+
+    def test_split_command(self) -> None:
+        self.assertEqual(chat.split_command("/NICK  bob "), ("nick", "bob"))
+        self.assertEqual(chat.split_command("/me\twaves  at you"), ("me", "waves  at you"))
+        self.assertEqual(chat.split_command("/quit"), ("quit", ""))
+        self.assertEqual(chat.split_command("/"), ("", ""))
+        self.assertEqual(chat.split_command("/ x"), ("", "x"))
+
+    def test_formats(self) -> None:
+        self.assertEqual(chat.said("bob", "hi \u4e16"), "<bob> hi \u4e16\r\n".encode())
+        self.assertEqual(chat.acted("bob", "waves"), b"* bob waves\r\n")
+        self.assertEqual(chat.notice("x"), b"*** x\r\n")
+        self.assertEqual(chat.error("x"), b"error: x\r\n")
+
+
+class Member:
+    def __init__(self, nick: str, room: chat.Room | None = None) -> None:
+        self.nick = nick
+        self.got: list[bytes] = []
+        self.room = room
+
+    def send(self, data: bytes) -> None:
+        self.got.append(data)
+
+
+class Quitter(Member):
+    """Leaves the room when it is sent anything, like a client found too slow."""
+
+    def send(self, data: bytes) -> None:
+        super().send(data)
+        if self.room is not None and self in self.room and data.startswith(b"<"):
+            self.room.leave(self, "too slow")
+
+
+class RoomTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.room = chat.Room(history=3)
+        self.a, self.b, self.c = Member("a"), Member("b"), Member("c")
+        for member in (self.a, self.b, self.c):
+            self.room.join(member)
+
+    def test_join_announced_to_the_others(self) -> None:
+        self.assertEqual(self.a.got, [b"*** b joined\r\n", b"*** c joined\r\n"])
+        self.assertEqual(self.c.got, [])
+        self.assertEqual(self.room.nicks(), ["a", "b", "c"])
+
+    def test_say_reaches_everyone_else(self) -> None:
+        self.room.say(self.b, "hi")
+        self.assertEqual(self.a.got[-1], b"<b> hi\r\n")
+        self.assertEqual(self.c.got[-1], b"<b> hi\r\n")
+        self.assertNotIn(b"<b> hi\r\n", self.b.got)
+
+    def test_leave_announced_with_reason(self) -> None:
+        self.room.leave(self.b, "quit: bye")
+        self.assertEqual(self.a.got[-1], b"*** b left (quit: bye)\r\n")
+        self.assertNotIn(self.b, self.room)
+        self.room.leave(self.b, "again")  # a second leave is nothing
+        self.assertEqual(self.a.got[-1], b"*** b left (quit: bye)\r\n")
+
+    def test_no_announcements_while_closing(self) -> None:
+        self.room.closing = True
+        self.room.leave(self.b, "server shutting down")
+        self.assertEqual(self.a.got[-1], b"*** c joined\r\n")
+
+    def test_rename(self) -> None:
+        self.room.rename(self.b, "Bob")
+        self.assertEqual(self.a.got[-1], b"*** b is now known as Bob\r\n")
+        self.assertEqual(self.b.got, [b"*** c joined\r\n"])
+        self.assertTrue(self.room.taken("bob"))
+        self.assertFalse(self.room.taken("b"))
+
+    def test_names_are_unique_regardless_of_case(self) -> None:
+        self.assertTrue(self.room.taken("A"))
+
+    def test_guest_names_skip_taken_ones(self) -> None:
+        self.room.join(Member("guest2"))
+        self.assertEqual([self.room.guest_nick() for _ in range(3)], ["guest1", "guest3", "guest4"])
+
+    def test_history_keeps_the_last_lines_said(self) -> None:
+        for i in range(5):
+            self.room.say(self.a, f"line {i}")
+        self.room.act(self.b, "waves")
+        self.assertEqual(list(self.room.history), [b"<a> line 3\r\n", b"<a> line 4\r\n", b"* b waves\r\n"])
+
+    def test_leaving_while_delivering_does_not_nest(self) -> None:
+        room = chat.Room(history=0)
+        first, slow, last = Member("first"), Quitter("slow", room), Member("last")
+        for member in (first, slow, last):
+            room.join(member)
+        first.got.clear()
+        last.got.clear()
+        room.say(first, "hello")
+        # everyone gets the line first, then the leave, in that order
+        self.assertEqual(last.got, [b"<first> hello\r\n", b"*** slow left (too slow)\r\n"])
+        self.assertEqual(first.got, [b"*** slow left (too slow)\r\n"])
+
+
+PEER = IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+class Client:
+    """One connection: lines in, lines out."""
+
+    def __init__(self, protocol: Any, transport: StringTransport) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.seen = 0
+
+    @property
+    def chat(self) -> chat.ChatProtocol:
+        return self.protocol.wrappedProtocol
+
+    def send(self, *lines: str | bytes) -> None:
+        for line in lines:
+            self.protocol.dataReceived(line.encode() + b"\n" if isinstance(line, str) else line)
+
+    def received(self) -> list[str]:
+        """The lines received since the last call."""
+        data = self.transport.value()
+        new, self.seen = data[self.seen :], len(data)
+        return new.decode("utf-8", "replace").splitlines()
+
+    def lose(self, reason: type[Exception] = ConnectionDone) -> None:
+        self.protocol.connectionLost(Failure(reason()))
+
+
+class ChatTestCase(SynchronousTestCase):
+    settings: dict[str, Any] = {"rate": (0.0, 0.0)}
+    accounts: dict[bytes, bytes] | None = None
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.stats = ServiceStats("chat", "lines")
+        settings = ChatSettings(**self.settings)
+        checkers = []
+        if self.accounts is not None:
+            memory = InMemoryUsernamePasswordDatabaseDontUse()
+            memory.users = dict(self.accounts)
+            checkers.append(memory)
+        self.chat_factory = chat.ChatFactory(settings, self.stats, self.clock, checkers)
+        policy = ConnectionPolicy(
+            max_clients=settings.max_clients,
+            overflow_message=chat.OVERFLOW_MESSAGE,
+            idle_timeout=settings.idle_timeout,
+        )
+        self.factory = GuardedFactory(self.chat_factory, policy, self.stats, self.clock)
+        self.port = 40000
+
+    def connect(self, host: str = "127.0.0.1") -> Client:
+        self.port += 1
+        peer = IPv4Address("TCP", host, self.port)
+        protocol = self.factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        return Client(protocol, transport)
+
+    def clients(self, count: int) -> list[Client]:
+        made = [self.connect() for _ in range(count)]
+        for client in made:
+            client.received()
+        return made
+
+
+class JoinAndTalkTests(ChatTestCase):
+    def test_welcome_names_the_nick_and_help(self) -> None:
+        alice = self.connect()
+        (welcome,) = alice.received()
+        self.assertIn("guest1", welcome)
+        self.assertIn("/help", welcome)
+        self.assertTrue(welcome.startswith("*** "))
+
+    def test_others_see_the_join(self) -> None:
+        first = self.connect()
+        first.received()
+        self.connect()
+        self.assertEqual(first.received(), ["*** guest2 joined"])
+
+    def test_lines_reach_everyone_else_in_order(self) -> None:
+        a, b, c = self.clients(3)
+        b.send("one", "two\r", b"thr", b"ee\nfour\n")
+        expected = ["<guest2> one", "<guest2> two", "<guest2> three", "<guest2> four"]
+        self.assertEqual(a.received(), expected)
+        self.assertEqual(c.received(), expected)
+        self.assertEqual(b.received(), [])
+        self.assertEqual(self.stats.handled, 4)
+
+    def test_empty_lines_are_not_relayed(self) -> None:
+        a, b = self.clients(2)
+        b.send("", "   ", "\t")
+        self.assertEqual(a.received(), [])
+
+    def test_control_characters_stripped_from_relayed_text(self) -> None:
+        a, b = self.clients(2)
+        b.send(b"\x1b]0;pwned\x07hi\x08\x08\x1b[2J\tthere\x9b\r\n")
+        self.assertEqual(a.received(), ["<guest2> ]0;pwnedhi[2J\tthere\ufffd"])
+        b.send(b"/me \x1b[5mblinks\n")
+        self.assertEqual(a.received(), ["* guest2 [5mblinks"])
+
+    def test_invalid_utf8_relayed_with_replacement(self) -> None:
+        a, b = self.clients(2)
+        b.send(b"caf\xe9 \xc3\xa9\n")
+        self.assertEqual(a.received(), ["<guest2> caf\ufffd \xe9"])
+
+    def test_double_slash_sends_a_slash(self) -> None:
+        a, b = self.clients(2)
+        b.send("//shrug")
+        self.assertEqual(a.received(), ["<guest2> /shrug"])
+
+    def test_history_replayed_to_a_newcomer(self) -> None:
+        a, b = self.clients(2)
+        for i in range(25):
+            a.send(f"line {i}")
+        b.send("/me waves")
+        c = self.connect()
+        lines = c.received()
+        self.assertIn("guest3", lines[0])
+        self.assertEqual(lines[1:], [f"<guest1> line {i}" for i in range(6, 25)] + ["* guest2 waves"])
+
+
+class NoHistoryTests(ChatTestCase):
+    settings = {"rate": (0.0, 0.0), "history": 0}
+
+    def test_zero_history(self) -> None:
+        (a,) = self.clients(1)
+        a.send("hello")
+        self.assertEqual(len(self.connect().received()), 1)
+
+
+class CommandTests(ChatTestCase):
+    def test_nick(self) -> None:
+        a, b = self.clients(2)
+        b.send("/nick Bob")
+        self.assertEqual(b.received(), ["*** you are now Bob"])
+        self.assertEqual(a.received(), ["*** guest2 is now known as Bob"])
+        b.send("hi")
+        self.assertEqual(a.received(), ["<Bob> hi"])
+
+    def test_nick_rules(self) -> None:
+        a, b = self.clients(2)
+        for name in ("", "a b", "x" * 33, "caf\xe9", "<admin>"):
+            b.send(f"/nick {name}")
+            (answer,) = b.received()
+            self.assertTrue(answer.startswith("error: a nickname is 1 to 32 letters"), (name, answer))
+        self.assertEqual(a.received(), [])
+
+    def test_nick_collision_ignores_case(self) -> None:
+        a, b = self.clients(2)
+        a.send("/nick alice")
+        b.send("/nick ALICE")
+        self.assertEqual(b.received(), ["*** guest1 is now known as alice", "error: ALICE is taken"])
+        a.received()
+        a.send("/nick Alice")  # one's own name in another case is fine
+        self.assertEqual(a.received(), ["*** you are now Alice"])
+        a.send("/nick Alice")
+        self.assertEqual(a.received(), ["*** you are already Alice"])
+
+    def test_guest_name_of_someone_else_is_taken(self) -> None:
+        _a, b = self.clients(2)
+        b.send("/nick guest1")
+        self.assertEqual(b.received(), ["error: guest1 is taken"])
+
+    def test_who(self) -> None:
+        a, b, _c = self.clients(3)
+        b.send("/nick bob", "/who")
+        self.assertEqual(b.received()[-1], "*** 3 here: guest1, bob (you), guest3")
+        self.assertEqual(a.received(), ["*** guest2 is now known as bob"])
+
+    def test_me(self) -> None:
+        a, b = self.clients(2)
+        b.send("/me waves at  everyone")
+        self.assertEqual(a.received(), ["* guest2 waves at  everyone"])
+        b.send("/me")
+        self.assertEqual(b.received(), ["error: usage: /me ACTION"])
+        self.assertEqual(a.received(), [])
+
+    def test_help(self) -> None:
+        (a,) = self.clients(1)
+        a.send("/HELP")
+        text = "\n".join(a.received())
+        for command in ("/nick NAME", "/who", "/me ACTION", "/quit [REASON]", "/help"):
+            self.assertIn(command, text)
+        self.assertNotIn("/login", text)
+
+    def test_unknown_command_is_not_broadcast(self) -> None:
+        a, b = self.clients(2)
+        b.send("/dance wildly", "/")
+        self.assertEqual(
+            b.received(),
+            [
+                "error: unknown command /dance (/help lists them)",
+                "error: unknown command / (/help lists them)",
+            ],
+        )
+        b.send("/login bob pw")
+        self.assertEqual(b.received(), ["error: no login here; /nick NAME picks your nickname"])
+        self.assertEqual(a.received(), [])
+
+
+class LeavingTests(ChatTestCase):
+    def test_quit_with_reason(self) -> None:
+        a, b = self.clients(2)
+        b.send("/quit gone fishing", "never said")
+        self.assertEqual(b.received(), ["*** goodbye"])
+        self.assertTrue(b.transport.disconnecting)
+        self.assertEqual(a.received(), ["*** guest2 left (quit: gone fishing)"])
+        b.lose()
+        self.assertEqual(a.received(), [])
+        self.assertEqual(self.factory.wrappedFactory.room.nicks(), ["guest1"])
+
+    def test_quit_reason_is_cleaned(self) -> None:
+        a, b = self.clients(2)
+        b.send(b"/quit \x1b[1mbye\n")
+        self.assertEqual(a.received(), ["*** guest2 left (quit: [1mbye)"])
+
+    def test_quit(self) -> None:
+        a, b = self.clients(2)
+        b.send("/quit")
+        self.assertEqual(a.received(), ["*** guest2 left (quit)"])
+
+    def test_eof_after_a_last_line(self) -> None:
+        a, b = self.clients(2)
+        self.assertTrue(IHalfCloseableProtocol.providedBy(b.protocol))
+        b.send(b"first\nlast without LF")
+        b.protocol.readConnectionLost()
+        self.assertEqual(
+            a.received(), ["<guest2> first", "<guest2> last without LF", "*** guest2 left (EOF)"]
+        )
+        self.assertTrue(b.transport.disconnecting)
+
+    def test_closed_connection(self) -> None:
+        a, b = self.clients(2)
+        b.lose(ConnectionDone)
+        self.assertEqual(a.received(), ["*** guest2 left (EOF)"])
+
+    def test_reset(self) -> None:
+        a, b = self.clients(2)
+        b.lose(ConnectionLost)
+        self.assertEqual(a.received(), ["*** guest2 left (connection reset)"])
+        self.assertEqual(self.stats.current, 1)
+
+    def test_line_too_long(self) -> None:
+        a, b = self.clients(2)
+        b.send(b"fine\n" + b"x" * 5000 + b"\nnever\n")
+        self.assertEqual(b.received(), ["error: line too long"])
+        self.assertEqual(a.received(), ["<guest2> fine", "*** guest2 left (line too long)"])
+        self.assertTrue(b.transport.disconnecting)
+        self.assertEqual(self.stats.limits["max_line"], 1)
+
+    def test_line_too_long_without_lf_is_bounded(self) -> None:
+        a, b = self.clients(2)
+        b.send(b"y" * 3000, b"y" * 3000)
+        self.assertEqual(a.received(), ["*** guest2 left (line too long)"])
+        self.assertEqual(b.chat._buffer, b"")
+
+    def test_line_at_the_limit_is_fine(self) -> None:
+        a, b = self.clients(2)
+        # the limit counts every byte before the LF (a CR too)
+        b.send(b"z" * 4096 + b"\n", b"y" * 4095 + b"\r\n")
+        self.assertEqual(a.received(), ["<guest2> " + "z" * 4096, "<guest2> " + "y" * 4095])
+
+    def test_overflow_line_for_one_too_many(self) -> None:
+        settings = ChatSettings(max_clients=2)
+        factory = GuardedFactory(
+            chat.ChatFactory(settings, self.stats, self.clock),
+            ConnectionPolicy(max_clients=2, overflow_message=chat.OVERFLOW_MESSAGE),
+            self.stats,
+            self.clock,
+        )
+        transports = []
+        for _ in range(3):
+            transport = StringTransport()
+            factory.buildProtocol(PEER).makeConnection(transport)
+            transports.append(transport)
+        self.assertEqual(transports[2].value(), b"error: too many users, try again later\r\n")
+        self.assertTrue(transports[2].disconnecting)
+        self.assertFalse(transports[0].disconnecting)
+
+
+class IdleTests(ChatTestCase):
+    settings = {"rate": (0.0, 0.0), "idle_timeout": 60.0}
+
+    def test_idle_client_leaves(self) -> None:
+        a, b = self.clients(2)
+        self.clock.advance(59)
+        a.send("still here")
+        self.clock.advance(2)
+        self.assertEqual(b.received(), ["<guest1> still here", "*** idle for 60 s; goodbye"])
+        self.assertEqual(a.received(), ["*** guest2 left (idle timeout)"])
+        self.assertTrue(b.transport.disconnecting)
+        self.assertEqual(self.stats.limits["idle_timeout"], 1)
+
+
+class NoIdleTimeoutByDefaultTests(ChatTestCase):
+    def test_never_idle(self) -> None:
+        (a,) = self.clients(1)
+        self.clock.advance(10**6)
+        self.assertFalse(a.transport.disconnecting)
+
+
+class SlowConsumerTests(ChatTestCase):
+    settings = {"rate": (0.0, 0.0), "max_pending": 10_000}
+
+    def test_a_reader_that_stops_costs_bounded_memory_then_is_dropped(self) -> None:
+        talker, slow, fast = self.clients(3)
+        slow.transport.producer.pauseProducing()  # its socket buffer is full
+        line = "x" * 100
+        for i in range(80):
+            talker.send(f"{i} {line}")
+        self.assertLessEqual(slow.chat.output.pending, 10_000)
+        self.assertFalse(slow.transport.disconnecting)
+        for i in range(80, 200):
+            talker.send(f"{i} {line}")
+        self.assertTrue(slow.transport.disconnected)  # aborted, not waited for
+        self.assertEqual(slow.chat.output.pending, 0)
+        received = fast.received()
+        self.assertEqual(len([r for r in received if r.startswith("<guest1>")]), 200)
+        self.assertIn("*** guest2 left (too slow)", received)
+        self.assertIn("*** guest2 left (too slow)", talker.received())
+        self.assertEqual(self.stats.limits["max_pending"], 1)
+        self.assertEqual(self.factory.wrappedFactory.room.nicks(), ["guest1", "guest3"])
+
+    def test_a_reader_that_catches_up_gets_everything_in_order(self) -> None:
+        talker, slow = self.clients(2)
+        slow.transport.producer.pauseProducing()
+        for i in range(50):
+            talker.send(f"line {i}")
+        self.assertEqual(slow.received(), [])
+        slow.transport.producer.resumeProducing()
+        self.assertEqual(slow.received(), [f"<guest1> line {i}" for i in range(50)])
+
+
+class FloodTests(ChatTestCase):
+    # 8 lines a second (a step of 1/8 s is exact in binary), 4 at once
+    settings = {"rate": (8.0, 4.0)}
+    step = 0.125
+
+    def test_over_the_rate_reading_pauses_and_nothing_is_lost(self) -> None:
+        talker, reader = self.clients(2)
+        talker.send(*[f"line {i}" for i in range(20)])
+        self.assertEqual(reader.received(), [f"<guest1> line {i}" for i in range(4)])
+        self.assertEqual(talker.transport.producerState, "paused")
+        self.assertEqual(self.stats.limits["rate"], 1)
+        self.clock.advance(self.step)
+        self.assertEqual(reader.received(), ["<guest1> line 4"])
+        self.assertEqual(talker.transport.producerState, "paused")
+        self.clock.pump([self.step] * 15)
+        self.assertEqual(reader.received(), [f"<guest1> line {i}" for i in range(5, 20)])
+        self.clock.advance(self.step)
+        self.assertEqual(talker.transport.producerState, "producing")
+
+    def test_commands_count_too_and_quit_still_works(self) -> None:
+        talker, reader = self.clients(2)
+        talker.send(*["/who"] * 10, "/quit bye")
+        self.assertFalse(talker.transport.disconnecting)
+        self.clock.pump([self.step] * 7)
+        self.assertTrue(talker.transport.disconnecting)
+        self.assertEqual(reader.received(), ["*** guest1 left (quit: bye)"])
+        # what is left to run is the gentle close's abort, not a rate timer
+        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [7 * self.step + 15])
+
+    def test_eof_while_held_keeps_the_lines(self) -> None:
+        talker, reader = self.clients(2)
+        talker.send(*[f"line {i}" for i in range(8)])
+        talker.protocol.readConnectionLost()
+        self.clock.pump([self.step] * 5)
+        lines = reader.received()
+        self.assertEqual(lines, [f"<guest1> line {i}" for i in range(8)] + ["*** guest1 left (EOF)"])
+
+    def test_connection_lost_while_held_cancels_the_timer(self) -> None:
+        talker, reader = self.clients(2)
+        talker.send(*[f"line {i}" for i in range(8)])
+        talker.lose(ConnectionLost)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(reader.received()[-1], "*** guest1 left (connection reset)")
+
+
+class ShutdownTests(ChatTestCase):
+    def test_everyone_told_and_no_leave_noise(self) -> None:
+        clients = self.clients(3)
+        stopping = self.factory.server_stopping()
+        for client in clients:
+            self.assertEqual(client.received(), ["*** server shutting down"])
+            self.assertTrue(client.transport.disconnecting)
+        fired: list[object] = []
+        stopping.addCallback(fired.append)
+        for client in clients:
+            client.lose()
+            self.assertEqual(client.received(), [])
+        self.assertEqual(fired, [None])
+
+    def test_slow_reader_gets_its_backlog_before_the_goodbye(self) -> None:
+        talker, slow = self.clients(2)
+        slow.transport.producer.pauseProducing()
+        talker.send("before")
+        self.factory.server_stopping()
+        self.assertEqual(slow.received(), ["<guest1> before", "*** server shutting down"])
+
+
+class LoginTests(ChatTestCase):
+    settings = {"rate": (0.0, 0.0), "auth": True, "login_delay": 1.0}
+    accounts = {b"alice": b"secret", b"bob": b"pass word"}
+
+    def test_nothing_before_login(self) -> None:
+        (watcher,) = self.clients(1)
+        watcher.send("/login bob pass word")
+        watcher.received()
+        guest = self.connect()
+        (welcome,) = guest.received()
+        self.assertIn("/login USER PASSWORD", welcome)
+        guest.send("hello", "/who", "/nick x", "/me waves")
+        self.assertEqual(guest.received(), ["error: log in first: /login USER PASSWORD"] * 4)
+        self.assertEqual(watcher.received(), [])
+        guest.send("/help")
+        self.assertIn("/login USER PASSWORD", "\n".join(guest.received()))
+
+    def test_login_joins_with_the_user_name(self) -> None:
+        bob = self.connect()
+        bob.send("/login bob pass word")
+        self.assertEqual(bob.received()[-1], "*** welcome, bob; /help lists the commands")
+        alice = self.connect()
+        alice.send("/login alice secret", "hi")
+        self.assertEqual(bob.received(), ["*** alice joined", "<alice> hi"])
+        alice.send("/nick mallory", "/login alice secret")
+        self.assertEqual(
+            alice.received()[-2:],
+            ["error: your nickname is your user name here", "error: you are already logged in as alice"],
+        )
+        self.assertEqual(self.stats.counters["logins"], 2)
+
+    def test_failed_logins_answered_ever_later_and_lines_wait(self) -> None:
+        mallory = self.connect()
+        mallory.received()
+        mallory.send("/login alice guess1", "/login alice guess2", "/login alice secret", "hi")
+        self.assertEqual(mallory.received(), [])
+        self.assertEqual(mallory.transport.producerState, "paused")
+        self.clock.advance(1)
+        self.assertEqual(mallory.received(), ["error: login failed"])
+        self.clock.advance(1.9)
+        self.assertEqual(mallory.received(), [])
+        self.clock.advance(0.1)  # second failure: 2 s; the right password then waits no more
+        self.assertEqual(
+            mallory.received(), ["error: login failed", "*** welcome, alice; /help lists the commands"]
+        )
+        self.assertEqual(mallory.transport.producerState, "producing")
+        self.assertEqual(self.stats.counters["login_failed"], 2)
+
+    def test_penalty_is_per_address_across_connections(self) -> None:
+        first, second = self.connect("10.0.0.1"), self.connect("10.0.0.1")
+        elsewhere = self.connect("10.0.0.2")
+        for client in (first, second, elsewhere):
+            client.received()
+        first.send("/login alice nope")
+        second.send("/login alice nope")
+        elsewhere.send("/login alice secret")
+        self.assertIn("welcome, alice", elsewhere.received()[0])
+        self.clock.advance(1)
+        self.assertEqual((first.received(), second.received()), (["error: login failed"], []))
+        self.clock.advance(2)
+        self.assertEqual(second.received(), ["error: login failed"])
+
+    def test_user_already_here(self) -> None:
+        one, two = self.connect(), self.connect()
+        one.send("/login alice secret")
+        two.received()
+        two.send("/login alice secret")
+        self.assertEqual(two.received(), ["error: alice is already here"])
+
+    def test_usage_and_unusable_names(self) -> None:
+        guest = self.connect()
+        guest.received()
+        guest.send("/login", "/login alice")
+        self.assertEqual(guest.received(), ["error: usage: /login USER PASSWORD"] * 2)
+        guest.send("/login al.ice secret")
+        self.assertEqual(
+            guest.received(), ["error: that user name cannot be a nickname (1 to 32 letters, digits, _ or -)"]
+        )
+
+    def test_quit_before_login(self) -> None:
+        (watcher,) = self.clients(1)
+        watcher.send("/login alice secret")
+        watcher.received()
+        guest = self.connect()
+        guest.send("/quit")
+        self.assertTrue(guest.transport.disconnecting)
+        self.assertEqual(watcher.received(), [])
+
+    def test_disconnect_while_the_answer_waits(self) -> None:
+        guest = self.connect()
+        guest.send("/login alice wrong")
+        guest.lose(ConnectionLost)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -1,0 +1,275 @@
+"""The chat server under the real twistd plugin, over loopback sockets."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import threading
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support import ALL_OFF, Suite, recv_all, recv_until, wait_for
+
+
+def line_count(text: bytes) -> int:
+    return text.count(b"\n")
+
+
+class Reader:
+    """Reads one socket in a thread, keeping everything it got."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.received = bytearray()  # appending to bytes would be quadratic
+        self.lines = 0
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(60)
+        try:
+            while chunk := self.sock.recv(1 << 20):
+                self.received += chunk
+                self.lines += chunk.count(b"\n")
+        except OSError:
+            pass
+        self.closed = True
+
+    @property
+    def data(self) -> bytes:
+        return bytes(self.received)
+
+    def wait_for(self, text: bytes, timeout: float = 30) -> None:
+        scanned, seen = 0, False
+
+        def found() -> bool:
+            nonlocal scanned, seen
+            start, scanned = max(0, scanned - len(text)), len(self.received)
+            seen = seen or self.received.find(text, start) >= 0
+            return seen
+
+        wait_for(lambda: found() or self.closed, timeout, f"{text!r} from the server")
+        if not found():
+            raise AssertionError(f"the server closed before sending {text!r}; the end: {self.data[-200:]!r}")
+
+
+class ChatEndToEndTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.suite = Suite([*ALL_OFF, "--chat-port", "0", "--chat-history", "2"]).start()
+        self.addCleanup(self.suite.stop)
+
+    def connect(self) -> socket.socket:
+        sock = self.suite.connect("chat")
+        self.addCleanup(sock.close)
+        recv_until(sock, lambda d: d.endswith(b"\n"))  # the welcome (and history)
+        return sock
+
+    def test_three_clients_talk(self) -> None:
+        alice, bob = self.connect(), self.connect()
+        self.assertEqual(recv_until(alice, lambda d: d.endswith(b"\n")), b"*** guest2 joined\r\n")
+        alice.sendall(b"/nick alice\nhello \x1b[2Jeveryone\r\n/me waves\n")
+        expected = b"*** guest1 is now known as alice\r\n<alice> hello [2Jeveryone\r\n* alice waves\r\n"
+        self.assertEqual(recv_until(bob, lambda d: len(d) >= len(expected)), expected)
+        carol = self.suite.connect("chat")
+        self.addCleanup(carol.close)
+        welcome = recv_until(carol, lambda d: line_count(d) >= 3)
+        self.assertIn(b"you are guest3", welcome)
+        self.assertTrue(welcome.endswith(b"<alice> hello [2Jeveryone\r\n* alice waves\r\n"), welcome)
+        carol.sendall(b"/who\n")
+        self.assertEqual(
+            recv_until(carol, lambda d: d.endswith(b"\n")), b"*** 3 here: alice, guest2, guest3 (you)\r\n"
+        )
+        # no echo: after her own rename, alice's next line is carol's join
+        self.assertEqual(
+            recv_until(alice, lambda d: line_count(d) >= 2), b"*** you are now alice\r\n*** guest3 joined\r\n"
+        )
+
+    def test_leave_reasons(self) -> None:
+        watcher = self.connect()
+        quitter, closer, resetter = self.connect(), self.connect(), self.connect()
+        recv_until(watcher, lambda d: line_count(d) >= 3)
+        quitter.sendall(b"/quit lunch\n")
+        self.assertTrue(recv_all(quitter).endswith(b"*** goodbye\r\n"))
+        self.assertEqual(
+            recv_until(watcher, lambda d: d.endswith(b"\n")), b"*** guest2 left (quit: lunch)\r\n"
+        )
+        recv_until(closer, lambda d: line_count(d) >= 2)  # read it all so the close is a clean EOF
+        closer.shutdown(socket.SHUT_WR)
+        self.assertEqual(recv_until(watcher, lambda d: d.endswith(b"\n")), b"*** guest3 left (EOF)\r\n")
+        resetter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        resetter.close()
+        self.assertEqual(
+            recv_until(watcher, lambda d: d.endswith(b"\n")), b"*** guest4 left (connection reset)\r\n"
+        )
+        self.suite.wait_log("chat: guest4 (127.0.0.1:")
+
+    def test_nothing_a_client_sends_breaks_it(self) -> None:
+        rude, watcher = self.connect(), self.connect()
+        every_byte_but_lf = bytes(range(10)) + bytes(range(11, 256))
+        rude.sendall(every_byte_but_lf + b"\n/\n/nick \xff\n\xc0\xaf\n" + b"/" * 4000 + b"\n")
+        answers = recv_until(rude, lambda d: line_count(d) >= 3)
+        self.assertIn(b"error: unknown command / ", answers)
+        self.assertIn(b"error: a nickname is", answers)
+        seen = recv_until(watcher, lambda d: line_count(d) >= 3)
+        for control in [*range(9), *range(11, 32), 127]:
+            self.assertNotIn(bytes([control]), seen.replace(b"\r\n", b""))
+        self.assertIn("<guest1> \ufffd\ufffd\r\n".encode(), seen)
+        self.assertIn(b"<guest1> " + b"/" * 3999 + b"\r\n", seen)
+        self.assertIn(b'<guest1> \t !"#', seen)
+        rude.sendall(b"x" * 5000)
+        self.assertEqual(recv_all(rude), b"error: line too long\r\n")
+        self.assertIn(b"left (line too long)", recv_until(watcher, lambda d: b"too long" in d))
+        self.assertFalse(self.suite.saw("Traceback"))
+
+    def test_shutdown_says_so_to_everyone(self) -> None:
+        clients = [self.connect() for _ in range(3)]
+        for sock in clients[:2]:
+            recv_until(sock, lambda d: b"guest3 joined" in d)
+        self.suite.process.send_signal(signal.SIGTERM)
+        for sock in clients:
+            self.assertEqual(recv_all(sock), b"*** server shutting down\r\n")
+        self.assertEqual(self.suite.stop(), 0)
+
+
+class StallingShutdownTests(SynchronousTestCase):
+    def test_a_client_that_never_reads_delays_the_stop_at_most_5_s(self) -> None:
+        # No cap on pending output, so the stalled client keeps its backlog.
+        suite = Suite([*ALL_OFF, "--chat-port", "0", "--chat-rate", "0", "--chat-max-pending", "0"]).start()
+        self.addCleanup(suite.stop)
+        stalled, talker = socket.socket(), socket.socket()
+        for sock in (stalled, talker):
+            self.addCleanup(sock.close)
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for sock in (stalled, talker):
+            sock.connect(suite.address("chat"))
+        talker.sendall(b"".join(b"%06d %s\n" % (i, b"z" * 1000) for i in range(2048)))
+        talker.sendall(b"/who\n")  # answered once the server has read all of the above
+        recv_until(talker, lambda d: b"*** 2 here" in d)
+        started = time.monotonic()
+        suite.process.send_signal(signal.SIGTERM)
+        suite.wait_log("received SIGTERM")
+        suite.process.send_signal(signal.SIGTERM)  # an impatient operator
+        self.assertEqual(suite.stop(), 0)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertTrue(suite.saw("chat stopped"))
+        self.assertFalse(suite.saw("Traceback"), suite.output)
+
+
+class SlowConsumerEndToEndTests(SynchronousTestCase):
+    """ncat --chat's flaw: one client that does not read stalls the room."""
+
+    def test_a_reader_that_stops_costs_the_room_nothing(self) -> None:
+        # The default --chat-max-pending (1 MiB), no rate limit.
+        suite = Suite([*ALL_OFF, "--chat-port", "0", "--chat-rate", "0"]).start()
+        self.addCleanup(suite.stop)
+        stalled, talker, listener = socket.socket(), socket.socket(), socket.socket()
+        for sock in (stalled, talker, listener):
+            self.addCleanup(sock.close)
+        # A small receive window, so the kernel does not soak up megabytes for it.
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        for sock in (stalled, talker, listener):
+            sock.connect(suite.address("chat"))
+        reader = Reader(listener)
+        Reader(talker)
+        reader.wait_for(b"*** welcome")
+        before = suite.rss_kib()
+
+        # 32 MiB through the room, 1 MiB at a time, never more than 2 MiB
+        # ahead of the listener: on a busy machine the listener (a thread of
+        # this test) must not fall behind and be dropped as too slow itself.
+        chunks, lines, size = 32, 1024, 1024
+        started = time.monotonic()
+        for chunk in range(chunks):
+            first = chunk * lines
+            behind = first - lines
+            talker.sendall(
+                b"".join(b"%06d " % i + b"x" * (size - 9) + b"\r\n" for i in range(first, first + lines))
+            )
+            wait_for(lambda target=behind: reader.lines >= target or reader.closed, what=f"line {behind}")
+        talker.sendall(b"done\n")
+        reader.wait_for(b"<guest2> done\r\n")
+        elapsed = time.monotonic() - started
+        after = suite.rss_kib()
+
+        self.assertIn(b"*** guest1 left (too slow)\r\n", reader.data)
+        self.assertTrue(suite.saw("chat: dropping guest1"))
+        said = [line for line in reader.data.split(b"\r\n") if line.startswith(b"<guest2> ")]
+        self.assertEqual(len(said), chunks * lines + 1)  # nothing lost, in order
+        self.assertEqual([int(line[9:15]) for line in said[:-1]], list(range(chunks * lines)))
+        # The stalled reader's backlog is capped: the server did not keep 32 MiB for it.
+        self.assertLess(after - before, 16 * 1024, f"RSS grew from {before} to {after} KiB")
+        self.assertLess(elapsed, 30)
+
+
+class FloodEndToEndTests(SynchronousTestCase):
+    def test_a_flooder_is_read_more_slowly_and_loses_nothing(self) -> None:
+        suite = Suite([*ALL_OFF, "--chat-port", "0", "--chat-rate", "50/10"]).start()
+        self.addCleanup(suite.stop)
+        flooder, listener = suite.connect("chat"), suite.connect("chat")
+        self.addCleanup(flooder.close)
+        self.addCleanup(listener.close)
+        reader = Reader(listener)
+        reader.wait_for(b"*** welcome")
+        before = suite.rss_kib()
+        flooder.setblocking(False)
+        offered = b"".join(b"line %06d %s\n" % (i, b"y" * 90) for i in range(300_000))  # 30 MiB
+        sent, started = 0, time.monotonic()
+        while sent < len(offered) and time.monotonic() - started < 5:
+            try:
+                sent += flooder.send(offered[sent : sent + 65536])
+            except BlockingIOError:
+                if time.monotonic() - started > 0.5:
+                    break  # the server has stopped reading it: TCP pushes back
+                time.sleep(0.01)
+        # Only what the socket buffers hold was taken: the server stopped reading.
+        self.assertLess(sent, len(offered))
+
+        def relayed() -> int:
+            return reader.received.count(b"<guest1> line")
+
+        wait_for(lambda: relayed() >= 60, what="60 lines")
+        # 10 at once, then 50 a second
+        self.assertGreater(time.monotonic() - started, 0.9)
+        self.assertLessEqual(relayed(), 10 + 50 * (time.monotonic() - started) + 5)
+        said = [line for line in reader.data.split(b"\r\n") if line.startswith(b"<guest1> line")]
+        self.assertEqual([int(line[14:20]) for line in said], list(range(len(said))))
+        self.assertLess(suite.rss_kib() - before, 8 * 1024)
+        suite.wait_log("chat: 127.0.0.1:")
+        self.assertTrue(suite.saw("sends faster than 50 lines/s; reading it more slowly"))
+
+
+class LoginEndToEndTests(SynchronousTestCase):
+    def test_login_required_and_failures_slowed(self) -> None:
+        suite = Suite(
+            [
+                *ALL_OFF,
+                "--chat-port",
+                "0",
+                "--chat-auth",
+                "--auth",
+                "memory:alice:secret",
+                "--chat-login-delay",
+                "0.3",
+            ]
+        ).start()
+        self.addCleanup(suite.stop)
+        with suite.connect("chat") as sock:
+            self.assertIn(b"/login USER PASSWORD", recv_until(sock, lambda d: d.endswith(b"\n")))
+            sock.sendall(b"hello\n")
+            self.assertEqual(
+                recv_until(sock, lambda d: d.endswith(b"\n")),
+                b"error: log in first: /login USER PASSWORD\r\n",
+            )
+            started = time.monotonic()
+            sock.sendall(b"/login alice wrong\n/login alice secret\nhi\n")
+            answers = recv_until(sock, lambda d: line_count(d) >= 2)
+            self.assertGreaterEqual(time.monotonic() - started, 0.3)
+            self.assertEqual(
+                answers, b"error: login failed\r\n*** welcome, alice; /help lists the commands\r\n"
+            )
+            suite.wait_log("joined as alice")
+        self.assertFalse(suite.saw("secret"))
+        self.assertFalse(suite.saw("wrong"))
