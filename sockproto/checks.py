@@ -137,15 +137,23 @@ def port_number(value: Any) -> int:
     return number
 
 
-def stream_port(value: Any) -> str:
-    """``off``, a port number, or a Twisted server endpoint description."""
+def _off_or_number(value: Any) -> tuple[str, bool]:
+    """``(normal form, True)`` for ``off`` or a port number, else ``(spec, False)``."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(port_number(value))
+        return str(port_number(value)), True
     spec = text(value).strip()
     if spec.lower() == "off":
-        return "off"
+        return "off", True
     if spec.isdigit():
-        return str(port_number(spec))
+        return str(port_number(spec)), True
+    return spec, False
+
+
+def stream_port(value: Any) -> str:
+    """``off``, a port number, or a Twisted server endpoint description."""
+    spec, simple = _off_or_number(value)
+    if simple:
+        return spec
     kind = spec.split(":", 1)[0]
     if kind not in _ENDPOINT_TYPES:
         raise ValueError(
@@ -174,14 +182,9 @@ def _parse_endpoint(spec: str) -> None:
 
 def datagram_port(value: Any) -> str:
     """``off``, a port number, or ``udp:PORT[:interface=ADDR]``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(port_number(value))
-    spec = text(value).strip()
-    if spec.lower() == "off":
-        return "off"
-    if spec.isdigit():
-        return str(port_number(spec))
-    parse_udp(spec)
+    spec, simple = _off_or_number(value)
+    if not simple:
+        parse_udp(spec)
     return spec
 
 
