@@ -32,6 +32,10 @@ class StripFunctionTests(SynchronousTestCase):
     def test_other_bytes_untouched(self) -> None:
         self.assertEqual(strip.answer(b"\xff \xfe\x0b\x0c"), b"\xff\xfe\x0b\x0c\x00")
 
+    def test_nul_is_dropped_it_ends_the_answer(self) -> None:
+        # Regression: a NUL inside a line made two answers of one.
+        self.assertEqual(strip.answer(b"a\0b \0"), b"ab\x00")
+
     def test_closing_words(self) -> None:
         for line in (b"exit", b"quit", b"  exit\t\r", b"QUIT", b"Exit"):
             self.assertTrue(strip.is_closing(line), line)
@@ -71,6 +75,11 @@ class StripProtocolTests(SynchronousTestCase):
 
     def test_bytes_pass_through(self) -> None:
         self.assertEqual(self.send(b"\xff \xfe\n"), b"\xff\xfe\x00")
+
+    def test_nul_inside_lines_dropped_on_every_path(self) -> None:
+        # the block path, then the line-by-line path (a closing word is near)
+        self.assertEqual(self.send(b"a\0b\n\0\n"), b"ab\x00\x00")
+        self.assertEqual(self.send(b"c\0\nexit\n"), b"ab\x00\x00c\x00")
 
     def test_exit_closes_without_answer(self) -> None:
         self.assertEqual(self.send(b"exit\n"), b"")
