@@ -72,16 +72,19 @@ class StripProtocol(BoundedLineReceiver):
         answers = []
         for line in block.split(b"\n"):
             if len(line) > self.MAX_LENGTH:
-                self.transport.write(b"".join(answers))
+                self._send(answers)
                 return self.lineLengthExceeded(line)
             if is_closing(line):
-                self.transport.write(b"".join(answers))
+                self._send(answers)
                 self.transport.loseConnection()
                 return None
             answers.append(answer(line))
+        self._send(answers)
+        return self._keep(rest)
+
+    def _send(self, answers: list[bytes]) -> None:
         self.service_stats.handled += len(answers)
         self.transport.write(b"".join(answers))
-        return self._keep(rest)
 
     def _keep(self, rest: bytes) -> Any:
         if len(rest) > self.MAX_LENGTH:

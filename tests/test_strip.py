@@ -81,6 +81,17 @@ class StripProtocolTests(SynchronousTestCase):
         self.assertEqual(self.send(b"a\0b\n\0\n"), b"ab\x00\x00")
         self.assertEqual(self.send(b"c\0\nexit\n"), b"ab\x00\x00c\x00")
 
+    def test_lines_answered_before_a_close_are_counted(self) -> None:
+        # Regression: the answers written just before an exit or an over-long
+        # line were sent but not counted.
+        self.send(b"a\nb\nexit\n")
+        self.assertEqual(self.stats.handled, 2)
+        other = GuardedFactory(strip.StripFactory(4, self.stats), self.policy, self.stats, self.clock)
+        protocol, transport = connect(other)
+        protocol.dataReceived(b"c\n" + b"x" * 5 + b"\n")
+        self.assertEqual(transport.value(), b"c\x00error: line too long\r\n")
+        self.assertEqual(self.stats.handled, 3)
+
     def test_exit_closes_without_answer(self) -> None:
         self.assertEqual(self.send(b"exit\n"), b"")
         self.assertTrue(self.transport.disconnecting)
