@@ -1,6 +1,6 @@
 """The HTTP responder without sockets: the real Site and guard over a
-StringTransport, time from a Clock. (Routes that stream through a producer,
-/bytes and static files, need the reactor's cooperator: see test_http_e2e.)"""
+StringTransport, time from a Clock. Routes that stream through a producer
+(/bytes and static files) are pumped by a Cooperator that runs on the Clock."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
+from twisted.internet import _producer_helpers
+from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -87,14 +88,28 @@ class Harness:
         self.site = http.build_site(self.settings, self.stats, self.service_stats, self.clock)
         policy = ConnectionPolicy(max_clients=max_clients, overflow_message=http.OVERFLOW)
         self.factory = GuardedFactory(self.site, policy, self.service_stats, self.clock)
+        # twisted.web turns a pull producer (static files, /bytes) into a push
+        # one with the global cooperator, which needs a running reactor; this
+        # one runs its steps as the Clock's calls, at the current time.
+        cooperator = Cooperator(scheduler=lambda step: self.clock.callLater(0, step))
+        test.patch(_producer_helpers, "cooperate", cooperator.cooperate)
 
-    def connect(self) -> Connection:
-        protocol = self.factory.buildProtocol(PEER)
-        transport = StringTransport(hostAddress=HOST, peerAddress=PEER)
+    def connect(self, peer: Any = PEER) -> Connection:
+        protocol = self.factory.buildProtocol(peer)
+        transport = StringTransport(hostAddress=HOST, peerAddress=peer)
         protocol.makeConnection(transport)
-        connection = Connection(protocol, transport)
+        connection = Connection(protocol, transport, self.pump)
         self.connections.append(connection)
         return connection
+
+    def pump(self, limit: int = 10000) -> None:
+        """Run what is due now (producer steps) until nothing is."""
+        for _ in range(limit):
+            now = self.clock.seconds()
+            if not any(call.getTime() <= now for call in self.clock.getDelayedCalls()):
+                return
+            self.clock.advance(0)
+        raise AssertionError("the producers never stop")
 
     def close_all(self) -> None:
         """What the reactor does when a test's connections go (it closes their bodies' files)."""
@@ -111,12 +126,14 @@ class Harness:
 class Connection:
     lost = False
 
-    def __init__(self, protocol: Any, transport: StringTransport) -> None:
+    def __init__(self, protocol: Any, transport: StringTransport, pump: Any = None) -> None:
         self.protocol = protocol
         self.transport = transport
+        self.pump = pump or (lambda: None)
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
+        self.pump()
 
     def received(self) -> bytes:
         """What came back since the last call."""
