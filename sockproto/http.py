@@ -115,6 +115,27 @@ def parse_size(segment: bytes) -> int | None:
     return None
 
 
+def target_problem(uri: bytes) -> str | None:
+    """Why a request target cannot be answered (the end of a log line), or None.
+
+    RFC 9112 makes a target visible ASCII. twisted.web means to check that but
+    lets bytes 0x7F-0xB0 through (it compares with 176 where octal 0176 was
+    meant), and several of its own code paths (the folder redirect, the
+    listing page, ``repr(request)``) then fail on them with a traceback.
+    """
+    if not uri.isascii() or b"\x7f" in uri:
+        return "is not printable ASCII"
+    if not uri.startswith(b"/") and uri.partition(b"?")[0] != b"*":
+        return "is not a path"
+    return None
+
+
+BAD_TARGET = {
+    "is not printable ASCII": "bad request: the request target must be printable ASCII (others as %XX)\n",
+    "is not a path": "bad request: the request target must be a path starting with /\n",
+}
+
+
 def headers_of(request: Any) -> dict[str, str]:
     """Request headers by name; a repeated header's values joined with ``, ``."""
     return {
@@ -600,15 +621,16 @@ class ResponderRequest(server.Request):
 
     def process(self) -> None:
         self.channel.site.service_stats.handled += 1
-        if not self.path.startswith(b"/") and self.path != b"*":
+        problem = target_problem(self.uri)
+        if problem is not None:
             log.info(
-                "http: 400 to {peer}: request target {target} is not a path",
+                "http: 400 to {peer}: request target {target} {problem}",
                 peer=peer_of(self.channel.transport),
-                target=loggable(self.path),
+                target=loggable(self.uri),
+                problem=problem,
             )
             self.site = self.channel.site
-            body = PlainPage(400, "bad request: the request target must be a path starting with /\n")
-            self.write(body.render(self))
+            self.write(PlainPage(400, BAD_TARGET[problem]).render(self))
             self.finish()
             return
         super().process()

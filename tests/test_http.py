@@ -585,6 +585,24 @@ class MalformedRequestTests(SynchronousTestCase):
         )
 
 
+    def test_target_not_printable_ascii(self) -> None:
+        # Regression: twisted.web lets bytes 0x7F-0xB0 into a target, and its
+        # folder redirect and listing then failed with a traceback and a 500.
+        self.http = Harness(self, root=temp_dir(self), listing=True)
+        os.mkdir(os.path.join(self.http.settings.root, "sub"))
+        for target in (b"/files/sub?\xa0", b"/files/?\x7f", b"/ip\x80", b"/\xb0"):
+            connection = self.http.connect()
+            with capturedLogs() as events:
+                connection.send(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            (response,) = parse_responses(connection.received())
+            self.assertEqual(response.status, 400, target)
+            self.assertIn(b"printable ASCII", response.body)
+            self.assertFalse(connection.closed)
+            (line,) = messages(events)
+            self.assertRegex(line, r"^http: 400 to 127\.0\.0\.1:40000: request target /\S*\\x[78ab]")
+            self.assertTrue(line.endswith(" is not printable ASCII"), line)
+
+
 class TimeoutTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.http = Harness(self, idle_timeout=10.0)
