@@ -3,8 +3,8 @@
 ``static.File`` refuses ``..`` and encoded slashes in a path segment, but it
 follows symbolic links wherever they point, serves dotfiles, lists every
 folder, opens FIFOs and devices (which can block the reactor), and answers a
-path segment that is not UTF-8 with a logged traceback. :class:`SafeFile`
-closes each of these in one place; everything else (Range, HEAD,
+path segment or a ``Range`` header that is not UTF-8 with a logged traceback.
+:class:`SafeFile` closes each of these in one place; everything else (Range, HEAD,
 ``Last-Modified``/``If-Modified-Since``, content types) is twisted.web's.
 """
 
@@ -113,6 +113,15 @@ class SafeFile(static.File):
         if isinstance(child, static.File) and not self.servable(child.path):
             return self.childNotFound
         return child
+
+    def makeProducer(self, request: Any, fileForReading: Any) -> Any:
+        # static.File logs a malformed Range header by decoding it as UTF-8,
+        # which fails (a traceback and a 500) on other bytes. A Range header
+        # is ASCII or malformed, and a malformed one is ignored (RFC 9110).
+        byte_range = request.getHeader(b"range")
+        if byte_range is not None and not byte_range.isascii():
+            request.requestHeaders.removeHeader(b"range")
+        return super().makeProducer(request, fileForReading)
 
     def directoryListing(self) -> resource.Resource:
         if not self.listing:

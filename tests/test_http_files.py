@@ -1,9 +1,8 @@
 """Static files: which resource each request path reaches, and what it answers.
 
 Paths are split and decoded the way twisted.web's Request does it, so every
-encoding of ``..`` and ``/`` arrives here as a real client's would. Serving a
-file's bytes needs the reactor (static.File streams with a producer): the
-end-to-end tests do that with curl.
+encoding of ``..`` and ``/`` arrives here as a real client's would. The end-to-end
+tests serve files with curl too.
 """
 
 from __future__ import annotations
@@ -154,6 +153,19 @@ class RenderTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.top = make_tree(self)
         self.http = Harness(self, root=os.path.join(self.top, "root"))
+
+    def test_file_served_whole_and_in_ranges(self) -> None:
+        self.assertEqual(self.http.get("/files/a.txt").body, b"hello\n")
+        part = self.http.get("/files/a.txt", headers="Range: bytes=1-3\r\n")
+        self.assertEqual((part.status, part.body), (206, b"ell"))
+
+    def test_range_header_not_ascii_is_ignored(self) -> None:
+        # Regression: static.File decoded a malformed Range header as UTF-8 to
+        # log it, and answered one that is not with a traceback and a 500.
+        with capturedLogs() as events:
+            response = self.http.get("/files/a.txt", headers="Range: bytes=\xff-\r\n")
+        self.assertEqual((response.status, response.body), (200, b"hello\n"))
+        self.assertEqual([e for e in events if "log_failure" in e], [])
 
     def test_escape_is_plain_404(self) -> None:
         response = self.http.get("/files/%2e%2e/outside/secret.txt")
