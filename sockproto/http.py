@@ -45,7 +45,7 @@ from zope.interface import implementer
 
 from sockproto import __version__
 from sockproto.config import HttpSettings, Settings
-from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, SafeFile
+from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, SafeFile, method_not_allowed
 from sockproto.limits import ConnectionPolicy, peer_of
 from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.stats import ServiceStats, Stats
@@ -198,10 +198,7 @@ class Route(resource.Resource):
         if request.postpath and self.isLeaf and not self.takes_subpath:
             return NOT_FOUND.render(request)
         if self.methods is not ANY_METHOD and request.method not in self.methods:
-            allowed = b", ".join(self.methods)
-            return PlainPage(
-                405, f"method not allowed; use {allowed.decode()}\n", {b"allow": allowed}
-            ).render(request)
+            return method_not_allowed(self.methods).render(request)
         body = self.respond(request)
         if body is server.NOT_DONE_YET:
             return body

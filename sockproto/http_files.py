@@ -50,6 +50,12 @@ class PlainPage(resource.Resource):
         return self
 
 
+def method_not_allowed(allowed: tuple[bytes, ...]) -> PlainPage:
+    """A plain 405 with the ``Allow`` header RFC 9110 asks for."""
+    names = b", ".join(allowed)
+    return PlainPage(405, f"method not allowed; use {names.decode()}\n", {b"allow": names})
+
+
 NOT_FOUND = PlainPage(404, "not found\n")
 FILES_OFF = PlainPage(404, "not found: static files are off (start sockproto with --http-root DIR)\n")
 LISTING_OFF = PlainPage(403, "forbidden: folder listings are off (start sockproto with --http-listing)\n")
@@ -74,6 +80,7 @@ class SafeFile(static.File):
     forbidden = PlainPage(403, "forbidden\n")
     # Only real index pages: twisted.web's list adds "index" and "index.rpy".
     indexNames = ["index.html", "index.htm"]
+    methods = (b"GET", b"HEAD")
 
     def __init__(self, path: str, root: str, listing: bool = False) -> None:
         # Unknown types as octet-stream, not twisted.web's text/html: a file
@@ -113,6 +120,13 @@ class SafeFile(static.File):
         if isinstance(child, static.File) and not self.servable(child.path):
             return self.childNotFound
         return child
+
+    def render(self, request: Any) -> Any:
+        # static.File would answer other methods with twisted.web's HTML
+        # "405" or "501 Huh?" page (deprecated, and a warning on each).
+        if request.method not in self.methods:
+            return method_not_allowed(self.methods).render(request)
+        return super().render(request)
 
     def makeProducer(self, request: Any, fileForReading: Any) -> Any:
         # static.File logs a malformed Range header by decoding it as UTF-8,

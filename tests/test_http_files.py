@@ -167,6 +167,15 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual((response.status, response.body), (200, b"hello\n"))
         self.assertEqual([e for e in events if "log_failure" in e], [])
 
+    def test_other_methods_get_plain_405(self) -> None:
+        # Regression: static.File answered them with twisted.web's HTML 405 or
+        # "501 Huh?" page, a deprecated class warning on each request.
+        for method in ("POST", "DELETE", "BREW"):
+            response = self.http.get("/files/a.txt", method=method)
+            self.assertEqual(response.status, 405, method)
+            self.assertEqual(response.header(b"allow"), b"GET, HEAD")
+            self.assertEqual(response.header(b"content-type"), b"text/plain; charset=utf-8")
+
     def test_escape_is_plain_404(self) -> None:
         response = self.http.get("/files/%2e%2e/outside/secret.txt")
         self.assertEqual(response.status, 404)
