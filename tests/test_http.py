@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import _producer_helpers
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet import _producer_helpers
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
@@ -583,7 +583,6 @@ class MalformedRequestTests(SynchronousTestCase):
             messages(events),
             ["http: 400 to 127.0.0.1:40000: request target http://example.com/ip is not a path"],
         )
-
 
     def test_target_not_printable_ascii(self) -> None:
         # Regression: twisted.web lets bytes 0x7F-0xB0 into a target, and its

@@ -6,6 +6,7 @@ written here from the README (not from strip.py) says what must come back.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from hypothesis import given
@@ -41,7 +42,7 @@ def cut(draw: Any, data: bytes) -> list[bytes]:
     """``data`` in chunks, split at arbitrary points."""
     points = sorted(draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=12)))
     bounds = [0, *[p for p in points if p < len(data)], len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def expected(stream: bytes, max_line: int, half_close: bool) -> tuple[bytes, bool]:
@@ -67,7 +68,9 @@ class Run:
     def __init__(self, max_line: int) -> None:
         self.max_line = max_line
         self.stats = ServiceStats("strip", "lines")
-        factory = GuardedFactory(strip.StripFactory(max_line, self.stats), ConnectionPolicy(), self.stats, Clock())
+        factory = GuardedFactory(
+            strip.StripFactory(max_line, self.stats), ConnectionPolicy(), self.stats, Clock()
+        )
         self.guard = factory.buildProtocol(PEER)
         self.transport = StringTransport(peerAddress=PEER)
         self.guard.makeConnection(self.transport)
