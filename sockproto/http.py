@@ -494,6 +494,8 @@ class ResponderChannel(HTTPChannel):
         super().allContentReceived()
 
     def timeoutConnection(self) -> None:
+        if self.transport.disconnecting:
+            return  # already closing (a refusal): the guard bounds how long that takes
         seconds = self.site.idle_timeout
         if self._receiving:
             self.site.service_stats.limit_hit("request_timeout")

@@ -119,6 +119,9 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
     def loseConnection(self) -> None:
         if not self.disconnecting:
             self.disconnecting = 1
+            # Closing: the close is bounded by close_gently, and an idle
+            # timeout now would only log and count a second, false close.
+            self.setTimeout(None)
             close_gently(self.transport, self.factory.clock, self)
 
     def readConnectionLost(self) -> None:

@@ -686,6 +686,15 @@ class TimeoutTests(SynchronousTestCase):
         self.assertEqual(messages(events), ["http: closing 127.0.0.1:40000: read nothing for 10 s"])
         self.assertEqual(self.http.service_stats.limits["send_timeout"], 1)
 
+    def test_refused_connection_is_not_timed_out_too(self) -> None:
+        # Regression: a refused connection whose peer had not read the answer
+        # yet also got "request incomplete": a false log line and count.
+        with capturedLogs() as events:
+            self.connection.send(b"GARBAGE\r\n\r\n")
+            self.http.clock.advance(11)
+        self.assertEqual(messages(events), ["http: closing 127.0.0.1:40000: malformed request"])
+        self.assertEqual(self.http.service_stats.limits["request_timeout"], 0)
+
     def test_zero_means_never(self) -> None:
         self.http = Harness(self, idle_timeout=0.0)
         self.connection = self.http.connect()

@@ -7,6 +7,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto.limits import BucketTable, ConnectionPolicy, GuardedFactory, TokenBucket
@@ -116,6 +117,20 @@ class GuardedFactoryTests(SynchronousTestCase):
         clock.advance(14.9)
         self.assertFalse(getattr(transport, "aborted", False))
         clock.advance(0.2)
+        self.assertTrue(transport.aborted)
+
+    def test_closing_connection_is_not_timed_out(self) -> None:
+        # Regression: a connection the service closed but whose peer did not
+        # read yet was also "closed for idleness": a false log line and count.
+        factory, stats, clock = guarded(idle_timeout=5)
+        wrapper = factory.buildProtocol(PEER)
+        transport = StubbornTransport()
+        wrapper.makeConnection(transport)
+        wrapper.loseConnection()
+        with capturedLogs() as events:
+            clock.advance(15)
+        self.assertEqual(stats.limits["idle_timeout"], 0)
+        self.assertEqual(events, [])
         self.assertTrue(transport.aborted)
 
     def test_close_that_completes_cancels_abort(self) -> None:
