@@ -24,6 +24,7 @@ from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFa
 from zope.interface import directlyProvides, implementer, providedBy
 
 from sockproto.stats import ServiceStats
+from sockproto.text import loggable
 
 log = Logger(namespace="sockproto")
 
@@ -33,14 +34,19 @@ CLOSE_GRACE = 15.0
 
 
 def peer_of(transport: Any) -> str:
-    """``host:port`` of a transport's peer, for log lines."""
+    """``host:port`` of a transport's peer, for log lines.
+
+    A UNIX socket's peer is the path the client bound, if any: client input,
+    shown as :func:`loggable` shows it (and as a path, not as a bytes repr).
+    """
     try:
         address = transport.getPeer()
     except Exception:
         return "?"
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is None:
-        return str(getattr(address, "name", None) or "local")
+        name = getattr(address, "name", None)
+        return loggable(name) if name else "local"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
