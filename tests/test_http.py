@@ -78,10 +78,13 @@ def parse_responses(data: bytes, head_only: bool = False) -> list[Response]:
 class Harness:
     """One responder with its stats, and connections to it."""
 
-    def __init__(self, test: SynchronousTestCase, max_clients: int = 0, **fields: Any) -> None:
+    def __init__(
+        self, test: SynchronousTestCase, max_clients: int = 0, clock: Clock | None = None, **fields: Any
+    ) -> None:
+        """Harnesses alive at once in a test must share one ``clock`` (the cooperator is global)."""
         self.connections: list[Connection] = []
         test.addCleanup(self.close_all)
-        self.clock = Clock()
+        self.clock = clock or Clock()
         self.stats = Stats(self.clock.seconds)
         self.service_stats = self.stats.service("http", "requests")
         self.settings = HttpSettings(**fields)
