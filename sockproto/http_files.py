@@ -4,17 +4,24 @@
 follows symbolic links wherever they point, serves dotfiles, lists every
 folder, opens FIFOs and devices (which can block the reactor), and answers a
 path segment or a ``Range`` header that is not UTF-8 with a logged traceback.
-:class:`SafeFile` closes each of these in one place; everything else (Range, HEAD,
-``Last-Modified``/``If-Modified-Since``, content types) is twisted.web's.
+Its Range support lets a small request cost a huge response (overlapping
+ranges, as in Apache's CVE-2011-3192) and fails on a suffix longer than the
+file, on several ranges none of which fits, and whenever a part boundary
+fills its buffer. :class:`SafeFile` closes each of these in one place;
+everything else (Range, HEAD, ``Last-Modified``/``If-Modified-Since``,
+content types) is twisted.web's.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
+from twisted.internet.interfaces import IPullProducer
 from twisted.web import resource
+from zope.interface import implementer
 
 with warnings.catch_warnings():
     # Importing twisted.web.static builds one of Twisted's own deprecated
@@ -73,6 +80,73 @@ class Listing(static.DirectoryLister):
         return NOT_FOUND
 
 
+# The most parts a multipart/byteranges answer has (Apache's MaxRanges after
+# CVE-2011-3192 defaults to 200; clients ask for one or a few).
+MAX_RANGES = 100
+
+
+@implementer(IPullProducer)
+class MultipartProducer:
+    """A multipart/byteranges body, a buffer at a pull: each part's boundary, then its bytes.
+
+    It stands in for ``static.MultipleRangeStaticProducer``, which asks the
+    file for a negative number of bytes when a boundary fills its buffer (a
+    traceback, and the response never ends), fails when no range fits the
+    file, and spins for ever on a file cut short while it is sent.
+    """
+
+    buffer_size = static.StaticProducer.bufferSize
+
+    def __init__(self, request: Any, file: Any, parts: Iterable[tuple[bytes, int, int]]) -> None:
+        self.request: Any = request
+        self.file = file
+        self.parts = iter(parts)  # (boundary, offset, size), as static.File makes them
+        self.remaining = 0  # bytes of the current part still to send
+
+    def start(self) -> None:
+        self.request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        request = self.request
+        if request is None:
+            return
+        out: list[bytes] = []
+        room = self.buffer_size
+        done = short = False
+        while room > 0:
+            if not self.remaining:
+                part = next(self.parts, None)
+                if part is None:
+                    done = True
+                    break
+                boundary, offset, self.remaining = part
+                self.file.seek(offset)
+                out.append(boundary)
+                room -= len(boundary)
+                continue
+            chunk = self.file.read(min(room, self.remaining))
+            if not chunk:
+                done = short = True  # the file shrank under us
+                break
+            out.append(chunk)
+            room -= len(chunk)
+            self.remaining -= len(chunk)
+        if done:
+            self.stopProducing()
+        request.write(b"".join(out))
+        if done:
+            request.unregisterProducer()
+            if short:
+                # Less than the Content-Length said: only a close tells the client.
+                request.loseConnection()
+            else:
+                request.finish()
+
+    def stopProducing(self) -> None:
+        self.request = None
+        self.file.close()
+
+
 class SafeFile(static.File):
     """A file or folder under ``root`` (a real path: no symlinks in it)."""
 
@@ -129,13 +203,42 @@ class SafeFile(static.File):
         return super().render(request)
 
     def makeProducer(self, request: Any, fileForReading: Any) -> Any:
-        # static.File logs a malformed Range header by decoding it as UTF-8,
-        # which fails (a traceback and a 500) on other bytes. A Range header
-        # is ASCII or malformed, and a malformed one is ignored (RFC 9110).
         byte_range = request.getHeader(b"range")
-        if byte_range is not None and not byte_range.isascii():
-            request.requestHeaders.removeHeader(b"range")
-        return super().makeProducer(request, fileForReading)
+        if byte_range is not None and not self.honours_range(byte_range):
+            request.requestHeaders.removeHeader(b"range")  # the whole file, once
+        producer = super().makeProducer(request, fileForReading)
+        if isinstance(producer, static.MultipleRangeStaticProducer):
+            # rangeInfo is ([], b"") when no range fits: a 416, set already.
+            parts = producer.rangeInfo if isinstance(producer.rangeInfo, list) else []
+            return MultipartProducer(request, fileForReading, parts)
+        return producer
+
+    def honours_range(self, header: bytes) -> bool:
+        """Whether to answer a Range header at all; if not, the whole file is sent
+        with a 200, as RFC 9110 allows.
+
+        Not when it is not ASCII: static.File decodes a malformed one as UTF-8
+        to log it, and fails. Not for more than :data:`MAX_RANGES` parts, or
+        parts adding up to more than the file (nginx's rule): overlapping
+        ranges would make a request of a few KB cost gigabytes.
+        """
+        if not header.isascii():
+            return False
+        try:
+            ranges = self._parseRangeHeader(header)
+        except ValueError:
+            return True  # malformed: static.File ignores it (and says so in the log)
+        if len(ranges) > MAX_RANGES:
+            return False
+        return sum(self._rangeToOffsetAndSize(start, end)[1] for start, end in ranges) <= self.getFileSize()
+
+    def _rangeToOffsetAndSize(self, start: int | None, end: int | None) -> tuple[int, int]:
+        # static.File turns a suffix longer than the file (bytes=-1000 of a
+        # 6-byte file) into a negative offset: a traceback. RFC 9110: the
+        # whole file is the answer.
+        if start is None and end is not None and end > self.getFileSize():
+            start, end = 0, None
+        return super()._rangeToOffsetAndSize(start, end)
 
     def directoryListing(self) -> resource.Resource:
         if not self.listing:
