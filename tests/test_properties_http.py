@@ -45,6 +45,7 @@ FIXED_TARGETS = [
     b"/bytes/x", b"/nope", b"*", b"http://example.com/ip", b"/files", b"/files/", b"/files/a.txt",
     b"/files/sub", b"/files/sub/", b"/files/sub/b.txt", b"/files/../secret", b"/files/%2e%2e/x",
     b"/files/.hidden", b"/files/a.txt/x", b"/files//etc/passwd", b"/files/sub?q=%ff", b"/ip/more",
+    b"/files/big.bin", b"/files/big.bin", b"/files/big.bin",
 ]  # fmt: skip
 visible = st.binary(min_size=1, max_size=8).map(lambda b: bytes(0x21 + c % 94 for c in b))
 percent = st.integers(0, 255).map(lambda n: b"%%%02X" % n)
@@ -63,15 +64,23 @@ HEADERS = [
     b"Authorization: Basic !!!", b"Content-Type: multipart/form-data; boundary=x", b"X-Empty:",
 ]  # fmt: skip
 header_values = st.binary(max_size=20).map(lambda b: bytes(c for c in b if c not in b"\r\n"))
+BIG = 70_003  # bytes in files/big.bin: more than one producer buffer (and no /bytes/N size)
+offsets = st.one_of(st.integers(0, BIG + 10), st.integers(65_000, 66_000))  # around a buffer's end
+range_specs = st.one_of(
+    st.tuples(offsets, offsets).map(lambda t: b"%d-%d" % (min(t), max(t))),
+    offsets.map(lambda n: b"%d-" % n),
+    offsets.map(lambda n: b"-%d" % n),
+)
+ranges = st.lists(range_specs, min_size=1, max_size=5).map(lambda r: b"Range: bytes=" + b",".join(r))
 headers = st.lists(
-    st.one_of(st.sampled_from(HEADERS), header_values.map(lambda v: b"X-Fuzz: " + v)), max_size=4
+    st.one_of(st.sampled_from(HEADERS), ranges, header_values.map(lambda v: b"X-Fuzz: " + v)), max_size=4
 )
 
 
 @st.composite
-def requests(draw: Any) -> bytes:
+def requests(draw: Any, targets: Any = targets, headers: Any = headers, methods: Any = METHODS) -> bytes:
     """One well-formed request: any method, target, headers, body framing."""
-    method = draw(st.sampled_from(METHODS))
+    method = draw(st.sampled_from(methods))
     version = draw(st.sampled_from([b"HTTP/1.1"] * 6 + [b"HTTP/1.0"]))
     lines = [b"%s %s %s" % (method, draw(targets), version), b"Host: x", *draw(headers)]
     body = draw(st.binary(max_size=300))
@@ -94,7 +103,8 @@ def requests(draw: Any) -> bytes:
     return CRLF.join(lines) + CRLF + CRLF + body
 
 
-pipelines = st.lists(requests(), min_size=1, max_size=4).map(b"".join)
+range_requests = requests(st.sampled_from([b"/files/big.bin", b"/files/a.txt"]), st.tuples(ranges).map(list))
+pipelines = st.lists(st.one_of(requests(), range_requests), min_size=1, max_size=4).map(b"".join)
 
 
 @st.composite
@@ -138,8 +148,10 @@ def check(condition: Any, why: str, data: bytes = b"") -> None:
         raise MalformedError(f"{why}: {data[:300]!r}")
 
 
-def parse_stream(data: bytes, methods: list[bytes], closed: bool) -> list[tuple[int, bytes]]:
-    """Checks the framing of every response in ``data``; returns (status, body) of each final one.
+def parse_stream(
+    data: bytes, methods: list[bytes], closed: bool
+) -> list[tuple[int, dict[bytes, list[bytes]], bytes]]:
+    """Checks the framing of every response in ``data``; returns (status, headers, body) of each final one.
 
     ``methods`` are those of the requests the site processed, in order; a final
     response beyond them must be a refusal that closes the connection.
@@ -188,7 +200,7 @@ def parse_stream(data: bytes, methods: list[bytes], closed: bool) -> list[tuple[
         else:
             check(closed, "a body without length on an open connection", head)
             body, data = data, b""
-        answered.append((code, body))
+        answered.append((code, fields, body))
     check(not pending, f"{len(pending)} processed requests got no response")
     return answered
 
@@ -248,9 +260,15 @@ class HttpPropertyTests(SynchronousTestCase):
     def setUp(self) -> None:
         root = temp_dir(self)
         os.makedirs(os.path.join(root, "sub"))
-        for name, text in {"a.txt": "hello\n", "sub/b.txt": "bee\n", ".hidden": "no\n"}.items():
-            with open(os.path.join(root, name), "w") as file:
-                file.write(text)
+        self.files = {
+            "a.txt": b"hello\n",
+            "sub/b.txt": b"bee\n",
+            ".hidden": b"no\n",
+            "big.bin": os.urandom(BIG),
+        }
+        for name, content in self.files.items():
+            with open(os.path.join(root, name), "wb") as file:
+                file.write(content)
         self.root = root
 
     def harness(self, max_body: int, listing: bool) -> Harness:
@@ -278,14 +296,27 @@ class HttpPropertyTests(SynchronousTestCase):
         timers = [c for c in harness.clock.getDelayedCalls() if c.func != harness.site._updateLogDateTime]
         self.assertEqual(timers, [], "timers left behind")
         self.assertEqual(harness.service_stats.current, 0)
-        for code, body in answered:
+        for code, fields, body in answered:
             event(f"answered {code}")
             self.assertLess(code, 500, body)
+            self.check_content(code, fields, body)
         for logged in events:
             text = formatEvent(logged)
             self.assertNotIn("log_failure", logged, text)
             self.assertLess(logged["log_level"], LogLevel.warn, text)
             self.assertTrue(text.isprintable(), text)
+
+    def check_content(self, code: int, fields: dict[bytes, list[bytes]], body: bytes) -> None:
+        """A part of big.bin is that part of it, whole or one range."""
+        big = self.files["big.bin"]
+        if code == 200 and len(body) == BIG:
+            self.assertEqual(body, big)
+        (content_range,) = fields.get(b"content-range", [b""])
+        match = re.fullmatch(rb"bytes (\d+)-(\d+)/%d" % BIG, content_range)
+        if code == 206 and match and body:
+            self.assertEqual(body, big[int(match[1]) : int(match[2]) + 1])
+        if code == 206 and b"multipart/byteranges" in b"".join(fields.get(b"content-type", [])):
+            self.assertTrue(body.endswith(b"--\r\n"), body[-50:])
 
     @given(pipelines, st.integers(0, 400), st.booleans(), st.data())
     def test_well_formed_pipelines(self, stream: bytes, max_body: int, listing: bool, data: Any) -> None:
@@ -301,7 +332,7 @@ class HttpPropertyTests(SynchronousTestCase):
         run = Run(harness)
         run.deliver([b"GET /status/201 HTTP/1.1\r\nHost: x\r\n\r\nHEAD / HTTP/1.1\r\n\r\n" * 2])
         answered = parse_stream(run.connection.received(), run.channel.processed, False)
-        self.assertEqual([code for code, _ in answered], [201, 200, 201, 200])
+        self.assertEqual([code for code, _, _ in answered], [201, 200, 201, 200])
         self.assertEqual(run.channel.processed, [b"GET", b"HEAD"] * 2)
         run.connection.lose()
 
