@@ -175,6 +175,15 @@ def echo(request: Any) -> dict[str, Any]:
     return shown
 
 
+def metrics_encoder(accept: str) -> tuple[Callable[[Any], bytes], str]:
+    """prometheus_client's encoder for an ``Accept`` header, or its default text
+    format when the header makes it fail (``version=abc`` raised TypeError)."""
+    try:
+        return choose_encoder(accept)
+    except (TypeError, ValueError):
+        return choose_encoder("")
+
+
 def as_json(request: Any, value: Any) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(value, indent=2).encode("ascii") + b"\n"
@@ -274,7 +283,7 @@ class Metrics(Route):
 
     def respond(self, request: Any) -> bytes:
         accept = request.getHeader(b"accept") or b""
-        encode, content_type = choose_encoder(accept.decode("latin-1"))
+        encode, content_type = metrics_encoder(accept.decode("latin-1"))
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return encode(self.registry)

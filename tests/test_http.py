@@ -439,6 +439,16 @@ class StatusAndMetricsTests(SynchronousTestCase):
         self.assertTrue(response.header(b"content-type").startswith(b"application/openmetrics-text"))
         self.assertTrue(response.body.endswith(b"# EOF\n"))
 
+    def test_metrics_with_an_accept_it_cannot_read(self) -> None:
+        # Regression: prometheus_client raised on version=abc: a traceback and a 500.
+        with capturedLogs() as events:
+            response = self.http.get(
+                "/metrics", headers="Accept: application/openmetrics-text; version=abc\r\n"
+            )
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.header(b"content-type").startswith(b"text/plain; version=0.0.4"))
+        self.assertEqual(events, [])
+
     def test_response_classes_counted(self) -> None:
         self.http.site.doStart()
         self.addCleanup(self.http.site.doStop)

@@ -45,7 +45,7 @@ FIXED_TARGETS = [
     b"/bytes/x", b"/nope", b"*", b"http://example.com/ip", b"/files", b"/files/", b"/files/a.txt",
     b"/files/sub", b"/files/sub/", b"/files/sub/b.txt", b"/files/../secret", b"/files/%2e%2e/x",
     b"/files/.hidden", b"/files/a.txt/x", b"/files//etc/passwd", b"/files/sub?q=%ff", b"/ip/more",
-    b"/files/big.bin", b"/files/big.bin", b"/files/big.bin",
+    b"/files/big.bin", b"/files/big.bin", b"/files/big.bin", b"/metrics", b"/metrics",
 ]  # fmt: skip
 visible = st.binary(min_size=1, max_size=8).map(lambda b: bytes(0x21 + c % 94 for c in b))
 percent = st.integers(0, 255).map(lambda n: b"%%%02X" % n)
@@ -72,8 +72,10 @@ range_specs = st.one_of(
     offsets.map(lambda n: b"-%d" % n),
 )
 ranges = st.lists(range_specs, min_size=1, max_size=5).map(lambda r: b"Range: bytes=" + b",".join(r))
+accepts = header_values.map(lambda v: b"Accept: application/openmetrics-text; version=" + v)
 headers = st.lists(
-    st.one_of(st.sampled_from(HEADERS), ranges, header_values.map(lambda v: b"X-Fuzz: " + v)), max_size=4
+    st.one_of(st.sampled_from(HEADERS), ranges, accepts, header_values.map(lambda v: b"X-Fuzz: " + v)),
+    max_size=4,
 )
 
 
