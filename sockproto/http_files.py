@@ -76,6 +76,13 @@ def is_hidden(name: bytes) -> bool:
 class Listing(static.DirectoryLister):
     """twisted.web's folder listing; a path below it is not found (in plain text)."""
 
+    def render(self, request: Any) -> bytes:
+        # For HEAD too: twisted.web would log a warning for each HEAD that
+        # renders a body.
+        body: bytes = super().render(request)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
+
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
         return NOT_FOUND
 

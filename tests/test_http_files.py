@@ -240,6 +240,16 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(cached.status, 304)
         self.assertEqual(cached.body, b"")
 
+    def test_listing_head(self) -> None:
+        # It was answered by twisted.web faking GET, and a warning logged each time.
+        self.http = Harness(self, root=os.path.join(self.top, "root"), listing=True)
+        length = self.http.get("/files/").header(b"content-length")
+        with capturedLogs() as events:
+            response = self.http.get("/files/", method="HEAD")
+        self.assertEqual((response.status, response.body), (200, b""))
+        self.assertEqual(response.header(b"content-length"), length)
+        self.assertEqual(events, [])
+
     def test_listing_page(self) -> None:
         self.http = Harness(self, root=os.path.join(self.top, "root"), listing=True)
         response = self.http.get("/files/")
