@@ -46,6 +46,12 @@ class StripProtocol(BoundedLineReceiver):
 
     service_stats: ServiceStats
 
+    def connectionMade(self) -> None:
+        # The answers are as big as what the client sends: one that sends and
+        # never reads would have them all buffered here. As the transport's
+        # producer (LineReceiver is one), reading stops while output backs up.
+        self.transport.registerProducer(self, True)
+
     def dataReceived(self, data: bytes) -> Any:
         # LineReceiver splits one line at a time and copies the rest of the
         # buffer each time; the answer to a block of lines is computable in one

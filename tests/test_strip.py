@@ -92,6 +92,17 @@ class StripProtocolTests(SynchronousTestCase):
         self.assertEqual(transport.value(), b"c\x00error: line too long\r\n")
         self.assertEqual(self.stats.handled, 3)
 
+    def test_reading_stops_while_answers_back_up(self) -> None:
+        # Regression: a client that sent and never read had every answer
+        # buffered in the server (300 MiB in 8 s on loopback).
+        self.assertEqual(
+            (self.transport.producer, self.transport.streaming), (self.protocol.wrappedProtocol, True)
+        )
+        self.transport.producer.pauseProducing()  # the transport's buffer is full
+        self.assertEqual(self.transport.producerState, "paused")
+        self.transport.producer.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+
     def test_exit_closes_without_answer(self) -> None:
         self.assertEqual(self.send(b"exit\n"), b"")
         self.assertTrue(self.transport.disconnecting)
