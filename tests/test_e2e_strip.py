@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -66,6 +67,14 @@ class StripEndToEndTests(SynchronousTestCase):
         grown = self.suite.rss_kib() - before
         self.assertLess(sent, 48 * 2**20)  # socket buffers: a few MiB on loopback
         self.assertLess(grown, 32 * 1024, f"{grown} KiB after {sent} bytes")
+        # Then it is idle, and closed as soon as it has read what was answered
+        # (not after the 15 s abort: the paused reading must not hold the close).
+        self.suite.wait_log("idle for 1 s")
+        started = time.monotonic()
+        sock.setblocking(True)
+        with contextlib.suppress(ConnectionResetError):  # it left input unread: RST
+            recv_all(sock)
+        self.assertLess(time.monotonic() - started, 10)
 
     def test_idle_client_dropped(self) -> None:
         sock = self.connect()

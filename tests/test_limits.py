@@ -133,6 +133,29 @@ class GuardedFactoryTests(SynchronousTestCase):
         self.assertEqual(events, [])
         self.assertTrue(transport.aborted)
 
+    def test_close_unregisters_a_protocol_that_is_its_own_producer(self) -> None:
+        # Regression: a paused one kept the transport from ever finishing the
+        # close (it resumes the producer instead): every such close took the
+        # 15 s abort, though the client read everything.
+        factory, _, _ = guarded()
+        wrapper = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        wrapper.registerProducer(wrapper.wrappedProtocol, True)
+        wrapper.loseConnection()
+        self.assertIsNone(transport.producer)
+
+    def test_close_leaves_a_producer_of_data_registered(self) -> None:
+        """A file being sent finishes first: the transport closes when it unregisters."""
+        factory, _, _ = guarded()
+        wrapper = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        sender = Recorder()
+        wrapper.registerProducer(sender, False)
+        wrapper.loseConnection()
+        self.assertIs(transport.producer, sender)
+
     def test_close_that_completes_cancels_abort(self) -> None:
         factory, _, clock = guarded()
         wrapper = factory.buildProtocol(PEER)
