@@ -597,6 +597,35 @@ class MalformedRequestTests(SynchronousTestCase):
             ["http: 400 to 127.0.0.1:40000: request target http://example.com/ip is not a path"],
         )
 
+    def test_ambiguous_framing_refused(self) -> None:
+        """Request smuggling's shapes: 400 and close, and what follows is never a request."""
+        heads = [
+            b"Content-Length: 4\r\nTransfer-Encoding: chunked",
+            b"Transfer-Encoding: chunked\r\nContent-Length: 4",
+            b"Content-Length: 1\r\nContent-Length: 2",
+            b"Content-Length: 1, 2",
+            b"Content-Length: +2",
+            b"Transfer-Encoding: xchunked",
+            b"Transfer-Encoding: gzip, chunked",
+            b"Transfer-Encoding : chunked",
+            b"X: a\x00b",
+        ]
+        smuggled = b"GET /status/418 HTTP/1.1\r\nHost: x\r\n\r\n"
+        for head in heads:
+            self.connection = self.http.connect()
+            response, _ = self.refused(
+                b"POST /anything HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n0\r\n\r\n" + smuggled
+            )
+            self.assertEqual(response.status, 400, head)
+        for chunk in (b"0x2", b"+2", b"2\nab\n0\n\n"):
+            self.connection = self.http.connect()
+            body = chunk + b"\r\nab\r\n0\r\n\r\n" + smuggled
+            response, _ = self.refused(
+                b"POST /anything HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+            )
+            self.assertEqual(response.status, 400, chunk)
+        self.assertEqual(self.http.service_stats.handled, 0)
+
     def test_target_not_printable_ascii(self) -> None:
         # Regression: twisted.web lets bytes 0x7F-0xB0 into a target, and its
         # folder redirect and listing then failed with a traceback and a 500.
