@@ -19,6 +19,7 @@ carry only settings.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from typing import Any
@@ -152,9 +153,12 @@ class UdpLogTests(SynchronousTestCase):
         protocol = udp.UdpResponder(
             udp.RESPONDERS[mode], ServiceStats("udp", "datagrams"), clock, rate=(1, 1), no_amplify=True
         )
-        protocol.makeConnection(FakeDatagramTransport(port=9002))
+        transport = FakeDatagramTransport(port=9002)
+        protocol.makeConnection(transport)
         for source_port in (40000, 40000, port):  # answered (or no-amplify), rate, loop protection
             protocol.datagramReceived(payload, ("127.0.0.1", source_port))
+        transport.error = OSError(errno.EPERM, "Operation not permitted")
+        protocol.datagramReceived(payload, ("10.0.0.1", 40000))  # send failed (unless no-amplify)
         clock.advance(udp.SUMMARY_INTERVAL)
         texts = Lines(self, events).check()
         self.assertTrue(any(loggable(payload) in text for text in texts), texts)
@@ -162,9 +166,13 @@ class UdpLogTests(SynchronousTestCase):
 
 class HttpLogTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.http = Harness(self, max_body=10, idle_timeout=5)
-        self.http.site.doStart()  # the access log
-        self.addCleanup(self.http.site.doStop)
+        self.http = self.harness()
+
+    def harness(self) -> Harness:
+        harness = Harness(self, max_body=10, idle_timeout=5)
+        harness.site.doStart()  # the access log
+        self.addCleanup(harness.site.doStop)
+        return harness
 
     def test_access_log_fields_escaped(self) -> None:
         connection = self.http.connect()
@@ -183,6 +191,7 @@ class HttpLogTests(SynchronousTestCase):
 
     @given(hostile_text)
     def test_every_error_line_with_a_unix_peer(self, name: str) -> None:
+        self.http = self.harness()  # a fresh one for each example
         peer = unix_peer("/tmp/" + name)
         sends = [
             b"GARBAGE\r\n\r\n",  # malformed
@@ -196,11 +205,16 @@ class HttpLogTests(SynchronousTestCase):
                 self.http.connect(peer).send(data)
             self.http.connect(peer).send(b"GET / HTTP/1.1\r\n")  # then no more: 408
             self.http.connect(peer)  # nothing at all: idle
+            slow = self.http.connect(peer)
+            slow.send(b"GET /delay/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            slow.transport.producer.pauseProducing()  # and it reads nothing of the answer
             self.http.clock.advance(6)
         texts = Lines(self, events).check()
-        # A line per mistake, an access line for each of the two 400s, the 408,
-        # and "idle" for the silent one and the two the 400s left open.
-        self.assertEqual(len(texts), len(sends) + 2 + 1 + 3, texts)
+        # A line per mistake, an access line for each of the two 400s and the
+        # delay, the 408, "idle" for the silent one and the two the 400s left
+        # open, and "read nothing".
+        self.assertEqual(len(texts), len(sends) + 3 + 1 + 3 + 1, texts)
+        self.assertTrue(any("read nothing for 5 s" in text for text in texts), texts)
         for text in texts:
             if not text.startswith('http: "-"'):  # access lines show no UNIX peer
                 self.assertIn(loggable("/tmp/" + name), text)
