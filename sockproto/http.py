@@ -45,7 +45,7 @@ from zope.interface import implementer
 
 from sockproto import __version__
 from sockproto.config import HttpSettings, Settings
-from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, SafeFile
+from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, SafeFile, method_not_allowed
 from sockproto.limits import ConnectionPolicy, peer_of
 from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.stats import ServiceStats, Stats
@@ -115,6 +115,27 @@ def parse_size(segment: bytes) -> int | None:
     return None
 
 
+def target_problem(uri: bytes) -> str | None:
+    """Why a request target cannot be answered (the end of a log line), or None.
+
+    RFC 9112 makes a target visible ASCII. twisted.web means to check that but
+    lets bytes 0x7F-0xB0 through (it compares with 176 where octal 0176 was
+    meant), and several of its own code paths (the folder redirect, the
+    listing page, ``repr(request)``) then fail on them with a traceback.
+    """
+    if not uri.isascii() or b"\x7f" in uri:
+        return "is not printable ASCII"
+    if not uri.startswith(b"/") and uri.partition(b"?")[0] != b"*":
+        return "is not a path"
+    return None
+
+
+BAD_TARGET = {
+    "is not printable ASCII": "bad request: the request target must be printable ASCII (others as %XX)\n",
+    "is not a path": "bad request: the request target must be a path starting with /\n",
+}
+
+
 def headers_of(request: Any) -> dict[str, str]:
     """Request headers by name; a repeated header's values joined with ``, ``."""
     return {
@@ -154,6 +175,15 @@ def echo(request: Any) -> dict[str, Any]:
     return shown
 
 
+def metrics_encoder(accept: str) -> tuple[Callable[[Any], bytes], str]:
+    """prometheus_client's encoder for an ``Accept`` header, or its default text
+    format when the header makes it fail (``version=abc`` raised TypeError)."""
+    try:
+        return choose_encoder(accept)
+    except (TypeError, ValueError):
+        return choose_encoder("")
+
+
 def as_json(request: Any, value: Any) -> bytes:
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(value, indent=2).encode("ascii") + b"\n"
@@ -177,10 +207,7 @@ class Route(resource.Resource):
         if request.postpath and self.isLeaf and not self.takes_subpath:
             return NOT_FOUND.render(request)
         if self.methods is not ANY_METHOD and request.method not in self.methods:
-            allowed = b", ".join(self.methods)
-            return PlainPage(
-                405, f"method not allowed; use {allowed.decode()}\n", {b"allow": allowed}
-            ).render(request)
+            return method_not_allowed(self.methods).render(request)
         body = self.respond(request)
         if body is server.NOT_DONE_YET:
             return body
@@ -256,7 +283,7 @@ class Metrics(Route):
 
     def respond(self, request: Any) -> bytes:
         accept = request.getHeader(b"accept") or b""
-        encode, content_type = choose_encoder(accept.decode("latin-1"))
+        encode, content_type = metrics_encoder(accept.decode("latin-1"))
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return encode(self.registry)
@@ -476,6 +503,8 @@ class ResponderChannel(HTTPChannel):
         super().allContentReceived()
 
     def timeoutConnection(self) -> None:
+        if self.transport.disconnecting:
+            return  # already closing (a refusal): the guard bounds how long that takes
         seconds = self.site.idle_timeout
         if self._receiving:
             self.site.service_stats.limit_hit("request_timeout")
@@ -600,15 +629,16 @@ class ResponderRequest(server.Request):
 
     def process(self) -> None:
         self.channel.site.service_stats.handled += 1
-        if not self.path.startswith(b"/") and self.path != b"*":
+        problem = target_problem(self.uri)
+        if problem is not None:
             log.info(
-                "http: 400 to {peer}: request target {target} is not a path",
+                "http: 400 to {peer}: request target {target} {problem}",
                 peer=peer_of(self.channel.transport),
-                target=loggable(self.path),
+                target=loggable(self.uri),
+                problem=problem,
             )
             self.site = self.channel.site
-            body = PlainPage(400, "bad request: the request target must be a path starting with /\n")
-            self.write(body.render(self))
+            self.write(PlainPage(400, BAD_TARGET[problem]).render(self))
             self.finish()
             return
         super().process()

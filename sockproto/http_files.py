@@ -3,18 +3,25 @@
 ``static.File`` refuses ``..`` and encoded slashes in a path segment, but it
 follows symbolic links wherever they point, serves dotfiles, lists every
 folder, opens FIFOs and devices (which can block the reactor), and answers a
-path segment that is not UTF-8 with a logged traceback. :class:`SafeFile`
-closes each of these in one place; everything else (Range, HEAD,
-``Last-Modified``/``If-Modified-Since``, content types) is twisted.web's.
+path segment or a ``Range`` header that is not UTF-8 with a logged traceback.
+Its Range support lets a small request cost a huge response (overlapping
+ranges, as in Apache's CVE-2011-3192) and fails on a suffix longer than the
+file, on several ranges none of which fits, and whenever a part boundary
+fills its buffer. :class:`SafeFile` closes each of these in one place;
+everything else (Range, HEAD, ``Last-Modified``/``If-Modified-Since``,
+content types) is twisted.web's.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
+from twisted.internet.interfaces import IPullProducer
 from twisted.web import resource
+from zope.interface import implementer
 
 with warnings.catch_warnings():
     # Importing twisted.web.static builds one of Twisted's own deprecated
@@ -50,6 +57,12 @@ class PlainPage(resource.Resource):
         return self
 
 
+def method_not_allowed(allowed: tuple[bytes, ...]) -> PlainPage:
+    """A plain 405 with the ``Allow`` header RFC 9110 asks for."""
+    names = b", ".join(allowed)
+    return PlainPage(405, f"method not allowed; use {names.decode()}\n", {b"allow": names})
+
+
 NOT_FOUND = PlainPage(404, "not found\n")
 FILES_OFF = PlainPage(404, "not found: static files are off (start sockproto with --http-root DIR)\n")
 LISTING_OFF = PlainPage(403, "forbidden: folder listings are off (start sockproto with --http-listing)\n")
@@ -63,8 +76,82 @@ def is_hidden(name: bytes) -> bool:
 class Listing(static.DirectoryLister):
     """twisted.web's folder listing; a path below it is not found (in plain text)."""
 
+    def render(self, request: Any) -> bytes:
+        # For HEAD too: twisted.web would log a warning for each HEAD that
+        # renders a body.
+        body: bytes = super().render(request)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
+
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
         return NOT_FOUND
+
+
+# The most parts a multipart/byteranges answer has (Apache's MaxRanges after
+# CVE-2011-3192 defaults to 200; clients ask for one or a few).
+MAX_RANGES = 100
+
+
+@implementer(IPullProducer)
+class MultipartProducer:
+    """A multipart/byteranges body, a buffer at a pull: each part's boundary, then its bytes.
+
+    It stands in for ``static.MultipleRangeStaticProducer``, which asks the
+    file for a negative number of bytes when a boundary fills its buffer (a
+    traceback, and the response never ends), fails when no range fits the
+    file, and spins for ever on a file cut short while it is sent.
+    """
+
+    buffer_size = static.StaticProducer.bufferSize
+
+    def __init__(self, request: Any, file: Any, parts: Iterable[tuple[bytes, int, int]]) -> None:
+        self.request: Any = request
+        self.file = file
+        self.parts = iter(parts)  # (boundary, offset, size), as static.File makes them
+        self.remaining = 0  # bytes of the current part still to send
+
+    def start(self) -> None:
+        self.request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        request = self.request
+        if request is None:
+            return
+        out: list[bytes] = []
+        room = self.buffer_size
+        done = short = False
+        while room > 0:
+            if not self.remaining:
+                part = next(self.parts, None)
+                if part is None:
+                    done = True
+                    break
+                boundary, offset, self.remaining = part
+                self.file.seek(offset)
+                out.append(boundary)
+                room -= len(boundary)
+                continue
+            chunk = self.file.read(min(room, self.remaining))
+            if not chunk:
+                done = short = True  # the file shrank under us
+                break
+            out.append(chunk)
+            room -= len(chunk)
+            self.remaining -= len(chunk)
+        if done:
+            self.stopProducing()
+        request.write(b"".join(out))
+        if done:
+            request.unregisterProducer()
+            if short:
+                # Less than the Content-Length said: only a close tells the client.
+                request.loseConnection()
+            else:
+                request.finish()
+
+    def stopProducing(self) -> None:
+        self.request = None
+        self.file.close()
 
 
 class SafeFile(static.File):
@@ -74,6 +161,7 @@ class SafeFile(static.File):
     forbidden = PlainPage(403, "forbidden\n")
     # Only real index pages: twisted.web's list adds "index" and "index.rpy".
     indexNames = ["index.html", "index.htm"]
+    methods = (b"GET", b"HEAD")
 
     def __init__(self, path: str, root: str, listing: bool = False) -> None:
         # Unknown types as octet-stream, not twisted.web's text/html: a file
@@ -113,6 +201,51 @@ class SafeFile(static.File):
         if isinstance(child, static.File) and not self.servable(child.path):
             return self.childNotFound
         return child
+
+    def render(self, request: Any) -> Any:
+        # static.File would answer other methods with twisted.web's HTML
+        # "405" or "501 Huh?" page (deprecated, and a warning on each).
+        if request.method not in self.methods:
+            return method_not_allowed(self.methods).render(request)
+        return super().render(request)
+
+    def makeProducer(self, request: Any, fileForReading: Any) -> Any:
+        byte_range = request.getHeader(b"range")
+        if byte_range is not None and not self.honours_range(byte_range):
+            request.requestHeaders.removeHeader(b"range")  # the whole file, once
+        producer = super().makeProducer(request, fileForReading)
+        if isinstance(producer, static.MultipleRangeStaticProducer):
+            # rangeInfo is ([], b"") when no range fits: a 416, set already.
+            parts = producer.rangeInfo if isinstance(producer.rangeInfo, list) else []
+            return MultipartProducer(request, fileForReading, parts)
+        return producer
+
+    def honours_range(self, header: bytes) -> bool:
+        """Whether to answer a Range header at all; if not, the whole file is sent
+        with a 200, as RFC 9110 allows.
+
+        Not when it is not ASCII: static.File decodes a malformed one as UTF-8
+        to log it, and fails. Not for more than :data:`MAX_RANGES` parts, or
+        parts adding up to more than the file (nginx's rule): overlapping
+        ranges would make a request of a few KB cost gigabytes.
+        """
+        if not header.isascii():
+            return False
+        try:
+            ranges = self._parseRangeHeader(header)
+        except ValueError:
+            return True  # malformed: static.File ignores it (and says so in the log)
+        if len(ranges) > MAX_RANGES:
+            return False
+        return sum(self._rangeToOffsetAndSize(start, end)[1] for start, end in ranges) <= self.getFileSize()
+
+    def _rangeToOffsetAndSize(self, start: int | None, end: int | None) -> tuple[int, int]:
+        # static.File turns a suffix longer than the file (bytes=-1000 of a
+        # 6-byte file) into a negative offset: a traceback. RFC 9110: the
+        # whole file is the answer.
+        if start is None and end is not None and end > self.getFileSize():
+            start, end = 0, None
+        return super()._rangeToOffsetAndSize(start, end)
 
     def directoryListing(self) -> resource.Resource:
         if not self.listing:

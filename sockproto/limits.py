@@ -27,6 +27,7 @@ from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFa
 from zope.interface import directlyProvides, implementer, providedBy
 
 from sockproto.stats import ServiceStats
+from sockproto.text import loggable
 
 log = Logger(namespace="sockproto")
 
@@ -39,14 +40,19 @@ SHUTDOWN_GRACE = 5.0
 
 
 def peer_of(transport: Any) -> str:
-    """``host:port`` of a transport's peer, for log lines."""
+    """``host:port`` of a transport's peer, for log lines.
+
+    A UNIX socket's peer is the path the client bound, if any: client input,
+    shown as :func:`loggable` shows it (and as a path, not as a bytes repr).
+    """
     try:
         address = transport.getPeer()
     except Exception:
         return "?"
     host, port = getattr(address, "host", None), getattr(address, "port", None)
     if host is None:
-        return str(getattr(address, "name", None) or "local")
+        name = getattr(address, "name", None)
+        return loggable(name) if name else "local"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -91,6 +97,7 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
 
     factory: GuardedFactory
     _abort_call: Any = None
+    _flow_control = False  # the service's protocol is its transport's producer
 
     def makeConnection(self, transport: Any) -> None:
         # Unlike ProtocolWrapper, also pass half-close through when the wrapped
@@ -122,9 +129,27 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
         self._stats.bytes_out += sum(map(len, data))
         self.transport.writeSequence(data)
 
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        # A protocol registering itself produces nothing: it asks that reading
+        # pause while its output backs up (LineReceiver can be used so).
+        self._flow_control = producer is self.wrappedProtocol
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._flow_control = False
+        self.transport.unregisterProducer()
+
     def loseConnection(self) -> None:
         if not self.disconnecting:
             self.disconnecting = 1
+            # Closing: the close is bounded by close_gently, and an idle
+            # timeout now would only log and count a second, false close.
+            self.setTimeout(None)
+            if self._flow_control:
+                # A transport closes once its producer is unregistered; with a
+                # paused one it resumes it instead, and the close would wait
+                # for the abort (HTTPChannel unregisters itself for the same reason).
+                self.unregisterProducer()
             close_gently(self.transport, self.factory.clock, self)
 
     def readConnectionLost(self) -> None:

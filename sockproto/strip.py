@@ -1,5 +1,9 @@
 """The strip-whitespace server of seed 000: each line comes back without
-spaces, tabs, CR and LF, NUL-terminated; ``exit`` or ``quit`` closes."""
+spaces, tabs, CR and LF, NUL-terminated; ``exit`` or ``quit`` closes.
+
+NUL ends an answer, so a NUL inside a line is dropped too: one line is always
+exactly one answer, whatever bytes it holds.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from sockproto.listening import Listener, stream_listener
 from sockproto.stats import ServiceStats, Stats
 
 WHITESPACE = b" \t\r\n"
+# What an answer never holds: the whitespace, and the NUL that ends it.
+DROPPED = WHITESPACE + b"\0"
 CLOSING_WORDS = (b"exit", b"quit")
-# Deletes the whitespace and turns each LF into the NUL that ends an answer,
+# Deletes the whitespace and NULs and turns each LF into the NUL that ends an answer,
 # so a whole block of lines is answered in one C-level pass.
 _LF_TO_NUL = bytes.maketrans(b"\n", b"\0")
 
@@ -25,8 +31,9 @@ def strip_whitespace(data: bytes) -> bytes:
 
 
 def answer(line: bytes) -> bytes:
-    """What the server sends back for one line (or, in UDP strip mode, one datagram)."""
-    return line.translate(None, WHITESPACE) + b"\0"
+    """What the server sends back for one line (or, in UDP strip mode, one datagram):
+    without whitespace or NUL, then one NUL."""
+    return line.translate(None, DROPPED) + b"\0"
 
 
 def is_closing(line: bytes) -> bool:
@@ -38,6 +45,12 @@ class StripProtocol(BoundedLineReceiver):
     """Answers whole blocks of lines at once; see :meth:`dataReceived`."""
 
     service_stats: ServiceStats
+
+    def connectionMade(self) -> None:
+        # The answers are as big as what the client sends: one that sends and
+        # never reads would have them all buffered here. As the transport's
+        # producer (LineReceiver is one), reading stops while output backs up.
+        self.transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> Any:
         # LineReceiver splits one line at a time and copies the rest of the
@@ -58,23 +71,26 @@ class StripProtocol(BoundedLineReceiver):
         if len(block) > self.MAX_LENGTH or _may_close(block):
             return self._answer_one_by_one(block, rest)
         self.service_stats.handled += block.count(b"\n") + 1
-        self.transport.write(block.translate(_LF_TO_NUL, b" \t\r") + b"\0")
+        self.transport.write(block.translate(_LF_TO_NUL, b" \t\r\0") + b"\0")
         return self._keep(rest)
 
     def _answer_one_by_one(self, block: bytes, rest: bytes) -> Any:
         answers = []
         for line in block.split(b"\n"):
             if len(line) > self.MAX_LENGTH:
-                self.transport.write(b"".join(answers))
+                self._send(answers)
                 return self.lineLengthExceeded(line)
             if is_closing(line):
-                self.transport.write(b"".join(answers))
+                self._send(answers)
                 self.transport.loseConnection()
                 return None
             answers.append(answer(line))
+        self._send(answers)
+        return self._keep(rest)
+
+    def _send(self, answers: list[bytes]) -> None:
         self.service_stats.handled += len(answers)
         self.transport.write(b"".join(answers))
-        return self._keep(rest)
 
     def _keep(self, rest: bytes) -> Any:
         if len(rest) > self.MAX_LENGTH:

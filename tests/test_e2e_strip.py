@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -48,6 +50,31 @@ class StripEndToEndTests(SynchronousTestCase):
         sock = self.connect()
         sock.sendall(b"x" * 5000)
         self.assertEqual(recv_all(sock), b"error: line too long\r\n")
+
+    def test_client_that_never_reads_costs_bounded_memory(self) -> None:
+        """It can send only until the buffers between us are full: reading stops."""
+        sock = self.connect()
+        sock.setblocking(False)
+        before = self.suite.rss_kib()
+        block = (b"x" * 999 + b"\n") * 64
+        sent = 0
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            try:
+                sent += sock.send(block[sent % len(block) :])  # whole lines, however it is cut
+            except BlockingIOError:
+                time.sleep(0.01)
+        grown = self.suite.rss_kib() - before
+        self.assertLess(sent, 48 * 2**20)  # socket buffers: a few MiB on loopback
+        self.assertLess(grown, 32 * 1024, f"{grown} KiB after {sent} bytes")
+        # Then it is idle, and closed as soon as it has read what was answered
+        # (not after the 15 s abort: the paused reading must not hold the close).
+        self.suite.wait_log("idle for 1 s")
+        started = time.monotonic()
+        sock.setblocking(True)
+        with contextlib.suppress(ConnectionResetError):  # it left input unread: RST
+            recv_all(sock)
+        self.assertLess(time.monotonic() - started, 10)
 
     def test_idle_client_dropped(self) -> None:
         sock = self.connect()

@@ -1,6 +1,6 @@
 """The HTTP responder without sockets: the real Site and guard over a
-StringTransport, time from a Clock. (Routes that stream through a producer,
-/bytes and static files, need the reactor's cooperator: see test_http_e2e.)"""
+StringTransport, time from a Clock. Routes that stream through a producer
+(/bytes and static files) are pumped by a Cooperator that runs on the Clock."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import _producer_helpers
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
@@ -77,24 +78,41 @@ def parse_responses(data: bytes, head_only: bool = False) -> list[Response]:
 class Harness:
     """One responder with its stats, and connections to it."""
 
-    def __init__(self, test: SynchronousTestCase, max_clients: int = 0, **fields: Any) -> None:
+    def __init__(
+        self, test: SynchronousTestCase, max_clients: int = 0, clock: Clock | None = None, **fields: Any
+    ) -> None:
+        """Harnesses alive at once in a test must share one ``clock`` (the cooperator is global)."""
         self.connections: list[Connection] = []
         test.addCleanup(self.close_all)
-        self.clock = Clock()
+        self.clock = clock or Clock()
         self.stats = Stats(self.clock.seconds)
         self.service_stats = self.stats.service("http", "requests")
         self.settings = HttpSettings(**fields)
         self.site = http.build_site(self.settings, self.stats, self.service_stats, self.clock)
         policy = ConnectionPolicy(max_clients=max_clients, overflow_message=http.OVERFLOW)
         self.factory = GuardedFactory(self.site, policy, self.service_stats, self.clock)
+        # twisted.web turns a pull producer (static files, /bytes) into a push
+        # one with the global cooperator, which needs a running reactor; this
+        # one runs its steps as the Clock's calls, at the current time.
+        cooperator = Cooperator(scheduler=lambda step: self.clock.callLater(0, step))
+        test.patch(_producer_helpers, "cooperate", cooperator.cooperate)
 
-    def connect(self) -> Connection:
-        protocol = self.factory.buildProtocol(PEER)
-        transport = StringTransport(hostAddress=HOST, peerAddress=PEER)
+    def connect(self, peer: Any = PEER) -> Connection:
+        protocol = self.factory.buildProtocol(peer)
+        transport = StringTransport(hostAddress=HOST, peerAddress=peer)
         protocol.makeConnection(transport)
-        connection = Connection(protocol, transport)
+        connection = Connection(protocol, transport, self.pump)
         self.connections.append(connection)
         return connection
+
+    def pump(self, limit: int = 10000) -> None:
+        """Run what is due now (producer steps) until nothing is."""
+        for _ in range(limit):
+            now = self.clock.seconds()
+            if not any(call.getTime() <= now for call in self.clock.getDelayedCalls()):
+                return
+            self.clock.advance(0)
+        raise AssertionError("the producers never stop")
 
     def close_all(self) -> None:
         """What the reactor does when a test's connections go (it closes their bodies' files)."""
@@ -111,12 +129,14 @@ class Harness:
 class Connection:
     lost = False
 
-    def __init__(self, protocol: Any, transport: StringTransport) -> None:
+    def __init__(self, protocol: Any, transport: StringTransport, pump: Any = None) -> None:
         self.protocol = protocol
         self.transport = transport
+        self.pump = pump or (lambda: None)
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
+        self.pump()
 
     def received(self) -> bytes:
         """What came back since the last call."""
@@ -419,6 +439,16 @@ class StatusAndMetricsTests(SynchronousTestCase):
         self.assertTrue(response.header(b"content-type").startswith(b"application/openmetrics-text"))
         self.assertTrue(response.body.endswith(b"# EOF\n"))
 
+    def test_metrics_with_an_accept_it_cannot_read(self) -> None:
+        # Regression: prometheus_client raised on version=abc: a traceback and a 500.
+        with capturedLogs() as events:
+            response = self.http.get(
+                "/metrics", headers="Accept: application/openmetrics-text; version=abc\r\n"
+            )
+        self.assertEqual(response.status, 200)
+        self.assertTrue(response.header(b"content-type").startswith(b"text/plain; version=0.0.4"))
+        self.assertEqual(events, [])
+
     def test_response_classes_counted(self) -> None:
         self.http.site.doStart()
         self.addCleanup(self.http.site.doStop)
@@ -567,6 +597,52 @@ class MalformedRequestTests(SynchronousTestCase):
             ["http: 400 to 127.0.0.1:40000: request target http://example.com/ip is not a path"],
         )
 
+    def test_ambiguous_framing_refused(self) -> None:
+        """Request smuggling's shapes: 400 and close, and what follows is never a request."""
+        heads = [
+            b"Content-Length: 4\r\nTransfer-Encoding: chunked",
+            b"Transfer-Encoding: chunked\r\nContent-Length: 4",
+            b"Content-Length: 1\r\nContent-Length: 2",
+            b"Content-Length: 1, 2",
+            b"Content-Length: +2",
+            b"Transfer-Encoding: xchunked",
+            b"Transfer-Encoding: gzip, chunked",
+            b"Transfer-Encoding : chunked",
+            b"X: a\x00b",
+        ]
+        smuggled = b"GET /status/418 HTTP/1.1\r\nHost: x\r\n\r\n"
+        for head in heads:
+            self.connection = self.http.connect()
+            response, _ = self.refused(
+                b"POST /anything HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n0\r\n\r\n" + smuggled
+            )
+            self.assertEqual(response.status, 400, head)
+        for chunk in (b"0x2", b"+2", b"2\nab\n0\n\n"):
+            self.connection = self.http.connect()
+            body = chunk + b"\r\nab\r\n0\r\n\r\n" + smuggled
+            response, _ = self.refused(
+                b"POST /anything HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+            )
+            self.assertEqual(response.status, 400, chunk)
+        self.assertEqual(self.http.service_stats.handled, 0)
+
+    def test_target_not_printable_ascii(self) -> None:
+        # Regression: twisted.web lets bytes 0x7F-0xB0 into a target, and its
+        # folder redirect and listing then failed with a traceback and a 500.
+        self.http = Harness(self, root=temp_dir(self), listing=True)
+        os.mkdir(os.path.join(self.http.settings.root, "sub"))
+        for target in (b"/files/sub?\xa0", b"/files/?\x7f", b"/ip\x80", b"/\xb0"):
+            connection = self.http.connect()
+            with capturedLogs() as events:
+                connection.send(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            (response,) = parse_responses(connection.received())
+            self.assertEqual(response.status, 400, target)
+            self.assertIn(b"printable ASCII", response.body)
+            self.assertFalse(connection.closed)
+            (line,) = messages(events)
+            self.assertRegex(line, r"^http: 400 to 127\.0\.0\.1:40000: request target /\S*\\x[78ab]")
+            self.assertTrue(line.endswith(" is not printable ASCII"), line)
+
 
 class TimeoutTests(SynchronousTestCase):
     def setUp(self) -> None:
@@ -651,6 +727,15 @@ class TimeoutTests(SynchronousTestCase):
         self.assertTrue(self.connection.transport.disconnected)
         self.assertEqual(messages(events), ["http: closing 127.0.0.1:40000: read nothing for 10 s"])
         self.assertEqual(self.http.service_stats.limits["send_timeout"], 1)
+
+    def test_refused_connection_is_not_timed_out_too(self) -> None:
+        # Regression: a refused connection whose peer had not read the answer
+        # yet also got "request incomplete": a false log line and count.
+        with capturedLogs() as events:
+            self.connection.send(b"GARBAGE\r\n\r\n")
+            self.http.clock.advance(11)
+        self.assertEqual(messages(events), ["http: closing 127.0.0.1:40000: malformed request"])
+        self.assertEqual(self.http.service_stats.limits["request_timeout"], 0)
 
     def test_zero_means_never(self) -> None:
         self.http = Harness(self, idle_timeout=0.0)

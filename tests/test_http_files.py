@@ -1,14 +1,14 @@
 """Static files: which resource each request path reaches, and what it answers.
 
 Paths are split and decoded the way twisted.web's Request does it, so every
-encoding of ``..`` and ``/`` arrives here as a real client's would. Serving a
-file's bytes needs the reactor (static.File streams with a producer): the
-end-to-end tests do that with curl.
+encoding of ``..`` and ``/`` arrives here as a real client's would. The end-to-end
+tests serve files with curl too.
 """
 
 from __future__ import annotations
 
 import os
+from io import BytesIO
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -19,7 +19,7 @@ from twisted.web import resource
 
 from sockproto import checks, http
 from sockproto.config import HttpSettings
-from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, SafeFile
+from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, MultipartProducer, SafeFile
 from sockproto.stats import Stats
 from tests.support import temp_dir
 from tests.test_http import Harness
@@ -155,6 +155,64 @@ class RenderTests(SynchronousTestCase):
         self.top = make_tree(self)
         self.http = Harness(self, root=os.path.join(self.top, "root"))
 
+    def test_file_served_whole_and_in_ranges(self) -> None:
+        self.assertEqual(self.http.get("/files/a.txt").body, b"hello\n")
+        part = self.http.get("/files/a.txt", headers="Range: bytes=1-3\r\n")
+        self.assertEqual((part.status, part.body), (206, b"ell"))
+
+    def test_suffix_longer_than_the_file_is_the_whole_file(self) -> None:
+        # Regression: static.File sought to a negative offset: a traceback and a 500.
+        response = self.http.get("/files/a.txt", headers="Range: bytes=-1000\r\n")
+        self.assertEqual((response.status, response.body), (206, b"hello\n"))
+        self.assertEqual(response.header(b"content-range"), b"bytes 0-5/6")
+
+    def test_several_ranges_as_multipart(self) -> None:
+        response = self.http.get("/files/a.txt", headers="Range: bytes=0-0,2-3,-1\r\n")
+        self.assertEqual(response.status, 206)
+        boundary = response.header(b"content-type").partition(b'boundary="')[2].rstrip(b'"')
+        parts = response.body.split(b"\r\n--" + boundary)
+        self.assertEqual(parts[0], b"")
+        self.assertEqual(parts[-1], b"--\r\n")
+        bodies = [part.partition(b"\r\n\r\n")[2] for part in parts[1:-1]]
+        self.assertEqual(bodies, [b"h", b"ll", b"\n"])
+
+    def test_no_range_fits(self) -> None:
+        # Regression: static.File failed (a traceback) when none of several ranges fits.
+        with capturedLogs() as events:
+            response = self.http.get("/files/a.txt", headers="Range: bytes=10-20,30-40\r\n")
+        self.assertEqual((response.status, response.header(b"content-range")), (416, b"bytes */6"))
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+
+    def test_costly_ranges_get_the_whole_file_once(self) -> None:
+        # Regression: "bytes=0-,0-,..." made a few KB of request cost the file
+        # that many times over (CVE-2011-3192's attack on Apache).
+        content = bytes(range(256)) * 4
+        with open(os.path.join(self.top, "root", "big.bin"), "wb") as file:
+            file.write(content)
+        costly = ["0-,0-", "0-1000,500-", "-2000,0-0", ",".join(f"{i}-{i}" for i in range(101))]
+        for ranges in costly:
+            response = self.http.get("/files/big.bin", headers=f"Range: bytes={ranges}\r\n")
+            self.assertEqual((response.status, response.body), (200, content), ranges[:20])
+        many = ",".join(f"{i}-{i}" for i in range(0, 200, 2))  # 100 parts, apart
+        self.assertEqual(self.http.get("/files/big.bin", headers=f"Range: bytes={many}\r\n").status, 206)
+
+    def test_range_header_not_ascii_is_ignored(self) -> None:
+        # Regression: static.File decoded a malformed Range header as UTF-8 to
+        # log it, and answered one that is not with a traceback and a 500.
+        with capturedLogs() as events:
+            response = self.http.get("/files/a.txt", headers="Range: bytes=\xff-\r\n")
+        self.assertEqual((response.status, response.body), (200, b"hello\n"))
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+
+    def test_other_methods_get_plain_405(self) -> None:
+        # Regression: static.File answered them with twisted.web's HTML 405 or
+        # "501 Huh?" page, a deprecated class warning on each request.
+        for method in ("POST", "DELETE", "BREW"):
+            response = self.http.get("/files/a.txt", method=method)
+            self.assertEqual(response.status, 405, method)
+            self.assertEqual(response.header(b"allow"), b"GET, HEAD")
+            self.assertEqual(response.header(b"content-type"), b"text/plain; charset=utf-8")
+
     def test_escape_is_plain_404(self) -> None:
         response = self.http.get("/files/%2e%2e/outside/secret.txt")
         self.assertEqual(response.status, 404)
@@ -182,6 +240,16 @@ class RenderTests(SynchronousTestCase):
         self.assertEqual(cached.status, 304)
         self.assertEqual(cached.body, b"")
 
+    def test_listing_head(self) -> None:
+        # It was answered by twisted.web faking GET, and a warning logged each time.
+        self.http = Harness(self, root=os.path.join(self.top, "root"), listing=True)
+        length = self.http.get("/files/").header(b"content-length")
+        with capturedLogs() as events:
+            response = self.http.get("/files/", method="HEAD")
+        self.assertEqual((response.status, response.body), (200, b""))
+        self.assertEqual(response.header(b"content-length"), length)
+        self.assertEqual(events, [])
+
     def test_listing_page(self) -> None:
         self.http = Harness(self, root=os.path.join(self.top, "root"), listing=True)
         response = self.http.get("/files/")
@@ -189,6 +257,80 @@ class RenderTests(SynchronousTestCase):
         self.assertIn(b'href="a.txt"', response.body)
         for hidden in (b".hidden", b".git", b"link_out", b"dir_out", b"fifo", b"secret"):
             self.assertNotIn(hidden, response.body)
+
+
+class Consumer:
+    """What a Request offers a producer; records what it is given."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.producer: Any = None
+        self.finished = self.lost = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+    def pull(self) -> bytes:
+        for _ in range(100):
+            if self.producer is None:
+                return b"".join(self.chunks)
+            self.producer.resumeProducing()
+        raise AssertionError("the producer never ends")
+
+
+class MultipartProducerTests(SynchronousTestCase):
+    content = os.urandom(MultipartProducer.buffer_size + 100)
+
+    def produce(self, parts: list[tuple[bytes, int, int]], content: bytes | None = None) -> Consumer:
+        consumer = Consumer()
+        file = BytesIO(self.content if content is None else content)
+        MultipartProducer(consumer, file, parts).start()
+        consumer.body = consumer.pull()  # type: ignore[attr-defined]
+        self.assertTrue(file.closed)
+        return consumer
+
+    def test_a_boundary_that_fills_the_buffer(self) -> None:
+        # Regression: twisted.web's producer then read a negative length: a
+        # traceback, and the response never ended.
+        size = MultipartProducer.buffer_size
+        parts = [(b"A" * 10, 0, size - 15), (b"B" * 10, 7, 3), (b"--end--", 0, 0)]
+        consumer = self.produce(parts)
+        self.assertEqual(
+            consumer.body, b"A" * 10 + self.content[: size - 15] + b"B" * 10 + self.content[7:10] + b"--end--"
+        )
+        self.assertTrue(consumer.finished)
+        self.assertTrue(all(len(chunk) <= size + 10 for chunk in consumer.chunks))  # + a boundary
+
+    def test_no_parts_is_an_empty_body(self) -> None:
+        consumer = self.produce([])
+        self.assertEqual((consumer.body, consumer.finished), (b"", True))
+
+    def test_file_cut_short_ends_with_a_close(self) -> None:
+        consumer = self.produce([(b"A", 0, 100), (b"B", 0, 1)], content=b"0123456789")
+        self.assertEqual(consumer.body, b"A0123456789")
+        self.assertEqual((consumer.finished, consumer.lost), (False, True))
+
+    def test_stopped_producer_writes_nothing_more(self) -> None:
+        consumer = Consumer()
+        file = BytesIO(self.content)
+        producer = MultipartProducer(consumer, file, [(b"A", 0, 10)])
+        producer.start()
+        producer.stopProducing()
+        producer.resumeProducing()
+        self.assertEqual(consumer.chunks, [])
+        self.assertTrue(file.closed)
 
 
 class FolderCheckTests(SynchronousTestCase):

@@ -7,6 +7,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto.limits import BucketTable, ConnectionPolicy, GuardedFactory, TokenBucket
@@ -117,6 +118,43 @@ class GuardedFactoryTests(SynchronousTestCase):
         self.assertFalse(getattr(transport, "aborted", False))
         clock.advance(0.2)
         self.assertTrue(transport.aborted)
+
+    def test_closing_connection_is_not_timed_out(self) -> None:
+        # Regression: a connection the service closed but whose peer did not
+        # read yet was also "closed for idleness": a false log line and count.
+        factory, stats, clock = guarded(idle_timeout=5)
+        wrapper = factory.buildProtocol(PEER)
+        transport = StubbornTransport()
+        wrapper.makeConnection(transport)
+        wrapper.loseConnection()
+        with capturedLogs() as events:
+            clock.advance(15)
+        self.assertEqual(stats.limits["idle_timeout"], 0)
+        self.assertEqual(events, [])
+        self.assertTrue(transport.aborted)
+
+    def test_close_unregisters_a_protocol_that_is_its_own_producer(self) -> None:
+        # Regression: a paused one kept the transport from ever finishing the
+        # close (it resumes the producer instead): every such close took the
+        # 15 s abort, though the client read everything.
+        factory, _, _ = guarded()
+        wrapper = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        wrapper.registerProducer(wrapper.wrappedProtocol, True)
+        wrapper.loseConnection()
+        self.assertIsNone(transport.producer)
+
+    def test_close_leaves_a_producer_of_data_registered(self) -> None:
+        """A file being sent finishes first: the transport closes when it unregisters."""
+        factory, _, _ = guarded()
+        wrapper = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        sender = Recorder()
+        wrapper.registerProducer(sender, False)
+        wrapper.loseConnection()
+        self.assertIs(transport.producer, sender)
 
     def test_close_that_completes_cancels_abort(self) -> None:
         factory, _, clock = guarded()

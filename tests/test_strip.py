@@ -32,6 +32,10 @@ class StripFunctionTests(SynchronousTestCase):
     def test_other_bytes_untouched(self) -> None:
         self.assertEqual(strip.answer(b"\xff \xfe\x0b\x0c"), b"\xff\xfe\x0b\x0c\x00")
 
+    def test_nul_is_dropped_it_ends_the_answer(self) -> None:
+        # Regression: a NUL inside a line made two answers of one.
+        self.assertEqual(strip.answer(b"a\0b \0"), b"ab\x00")
+
     def test_closing_words(self) -> None:
         for line in (b"exit", b"quit", b"  exit\t\r", b"QUIT", b"Exit"):
             self.assertTrue(strip.is_closing(line), line)
@@ -71,6 +75,33 @@ class StripProtocolTests(SynchronousTestCase):
 
     def test_bytes_pass_through(self) -> None:
         self.assertEqual(self.send(b"\xff \xfe\n"), b"\xff\xfe\x00")
+
+    def test_nul_inside_lines_dropped_on_every_path(self) -> None:
+        # the block path, then the line-by-line path (a closing word is near)
+        self.assertEqual(self.send(b"a\0b\n\0\n"), b"ab\x00\x00")
+        self.assertEqual(self.send(b"c\0\nexit\n"), b"ab\x00\x00c\x00")
+
+    def test_lines_answered_before_a_close_are_counted(self) -> None:
+        # Regression: the answers written just before an exit or an over-long
+        # line were sent but not counted.
+        self.send(b"a\nb\nexit\n")
+        self.assertEqual(self.stats.handled, 2)
+        other = GuardedFactory(strip.StripFactory(4, self.stats), self.policy, self.stats, self.clock)
+        protocol, transport = connect(other)
+        protocol.dataReceived(b"c\n" + b"x" * 5 + b"\n")
+        self.assertEqual(transport.value(), b"c\x00error: line too long\r\n")
+        self.assertEqual(self.stats.handled, 3)
+
+    def test_reading_stops_while_answers_back_up(self) -> None:
+        # Regression: a client that sent and never read had every answer
+        # buffered in the server (300 MiB in 8 s on loopback).
+        self.assertEqual(
+            (self.transport.producer, self.transport.streaming), (self.protocol.wrappedProtocol, True)
+        )
+        self.transport.producer.pauseProducing()  # the transport's buffer is full
+        self.assertEqual(self.transport.producerState, "paused")
+        self.transport.producer.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
 
     def test_exit_closes_without_answer(self) -> None:
         self.assertEqual(self.send(b"exit\n"), b"")
