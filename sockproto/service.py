@@ -78,6 +78,13 @@ class Suite(MultiService):
             self.reactor.callFromThread(stop)
 
         signal.signal(signal.SIGTERM, on_sigterm)
+        # Should Twisted's own handler have seen a SIGTERM all the same, twistd
+        # would re-raise it at exit (via the reactor's private _exitSignal).
+        self.reactor.addSystemEventTrigger("after", "shutdown", self._forget_sigterm)
+
+    def _forget_sigterm(self) -> None:
+        if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+            self.reactor._exitSignal = None
 
 
 def make_service(settings: Settings, reactor: Any = None, config_path: Path | None = None) -> Suite:
