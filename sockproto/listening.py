@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sockproto.endpoints import stream_description
-from sockproto.limits import ConnectionPolicy, GuardedFactory
+from sockproto.limits import SHUTDOWN_GRACE, ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
 
 log = Logger(namespace="sockproto")
@@ -23,7 +23,14 @@ class StartupError(Exception):
 
 
 class Listener(Service):
-    """Listens while running; says where it listens, and that it stopped."""
+    """Listens while running; says where it listens, and that it stopped.
+
+    ``on_stop(grace)`` runs once the port is closed: the open connections get
+    ``shutdown_grace`` seconds to finish (the suite sets it from
+    ``--shutdown-grace``).
+    """
+
+    shutdown_grace = SHUTDOWN_GRACE
 
     def __init__(
         self,
@@ -31,13 +38,13 @@ class Listener(Service):
         where: str,
         listen: Callable[[], Any],
         stats: ServiceStats,
-        on_stop: Callable[[], Any] | None = None,
+        on_stop: Callable[[float], Any] | None = None,
     ) -> None:
         self.name = name
         self.where = where
         self._listen = listen
         self._stats = stats
-        self._on_stop = on_stop  # after the port closes: tell the open connections
+        self._on_stop = on_stop
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -65,7 +72,7 @@ class Listener(Service):
         self._stats.listening.clear()
         stopped = maybeDeferred(port.stopListening)
         if self._on_stop is not None:
-            stopped.addCallback(lambda _: self._on_stop())
+            stopped.addCallback(lambda _: self._on_stop(self.shutdown_grace))
         stopped.addCallback(lambda _: log.info("{service} stopped", service=self.name))
         return stopped
 

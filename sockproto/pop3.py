@@ -58,6 +58,7 @@ MAX_LINE = 8192
 MAX_BACKLOG = MAX_LINE
 # The longest a failed login's answer is held back, however many failures.
 MAX_AUTH_DELAY = 30.0
+SHUTTING_DOWN = b"-ERR [SYS/TEMP] server shutting down\r\n"
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
 COMMANDS = {
@@ -145,6 +146,8 @@ class Pop3Protocol(BoundedLineReceiver):
         self._reading = True
         self._peer_closed = False
         self._lost = False
+        self._shutting_down = False  # the server stops: no further command is run
+        self._until_done: defer.Deferred[bytes] | None = None  # fired when the last one is done
 
     # -- connection events
 
@@ -201,12 +204,28 @@ class Pop3Protocol(BoundedLineReceiver):
         self._stop_output()
         return b""  # RFC 1939 section 3: close without a response
 
-    def server_stopping(self) -> bytes:
-        busy = self._transfer is not None or self._waiting is not None
-        self._stop_output()
-        if busy:
-            return b""  # a line now would land inside another response
-        return b"-ERR [SYS/TEMP] server shutting down\r\n"
+    def server_stopping(self) -> bytes | defer.Deferred[bytes]:
+        """The command in progress (a RETR streaming, a login being checked)
+        finishes; the commands after it are not run. Then the session ends
+        with the shutdown line, without an UPDATE: nothing is deleted."""
+        self._shutting_down = True
+        if IDelayedCall.providedBy(self._waiting):
+            # A failed login's answer, held back: the shutdown line answers
+            # it, and says nothing about the password.
+            self._waiting.cancel()
+            self._waiting = None
+        self._update()
+        if self._transfer is None and self._waiting is None:
+            self._stop_output()
+            return SHUTTING_DOWN
+        self._until_done = defer.Deferred()
+        return self._until_done
+
+    def _stopped_if_done(self) -> None:
+        if self._until_done is not None and self._transfer is None and self._waiting is None:
+            done, self._until_done = self._until_done, None
+            self._stop_output()
+            done.callback(SHUTTING_DOWN)
 
     def _close(self) -> None:
         self._stop_output()
@@ -245,7 +264,12 @@ class Pop3Protocol(BoundedLineReceiver):
         once would also stall a TLS handshake, during which TLS holds back
         our output (the greeting on an ssl: port).
         """
-        self.paused = self._output_full or self._waiting is not None or self._transfer is not None
+        self.paused = (
+            self._shutting_down
+            or self._output_full
+            or self._waiting is not None
+            or self._transfer is not None
+        )
         reading = not (self.paused and len(self._buffer) >= MAX_BACKLOG)
         if reading != self._reading and not self._peer_closed and not self._lost:
             self._reading = reading
@@ -259,6 +283,9 @@ class Pop3Protocol(BoundedLineReceiver):
         if self._lost:
             return
         self._send_chunks()
+        if self._shutting_down:
+            self._stopped_if_done()
+            return
         self._update()
         if self.paused or self._busyReceiving:  # else the loop we are called from goes on
             return
@@ -475,6 +502,9 @@ class Pop3Protocol(BoundedLineReceiver):
             user=loggable(user),
             delay=delay,
         )
+        if self._shutting_down:  # answered by the shutdown line
+            self._run()
+            return
         self._waiting = self.factory.clock.callLater(delay, self._answer_failed)
         self._update()
 

@@ -89,6 +89,7 @@ def make_service(settings: Settings, reactor: Any = None, config_path: Path | No
         if builder is not None:
             listener = builder(settings, suite.stats, reactor)
             if listener is not None:
+                listener.shutdown_grace = settings.suite.shutdown_grace
                 listener.setServiceParent(suite)
     return suite
 
