@@ -27,7 +27,10 @@ class Listener(Service):
 
     ``on_stop(grace)`` runs once the port is closed: the open connections get
     ``shutdown_grace`` seconds to finish (the suite sets it from
-    ``--shutdown-grace``).
+    ``--shutdown-grace``). ``prepare`` runs at start once twistd has dropped
+    privileges (``--uid``), so it checks what the service will use as the
+    user it runs as; it raises :class:`StartupError` if the service cannot
+    work.
     """
 
     shutdown_grace = SHUTDOWN_GRACE
@@ -39,12 +42,14 @@ class Listener(Service):
         listen: Callable[[], Any],
         stats: ServiceStats,
         on_stop: Callable[[float], Any] | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.where = where
         self._listen = listen
         self._stats = stats
         self._on_stop = on_stop
+        self._prepare = prepare
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -62,6 +67,8 @@ class Listener(Service):
     def startService(self) -> None:
         if self.port is None:  # not started by twistd's privileged pass
             self.privilegedStartService()
+        if self._prepare is not None:
+            self._prepare()
         super().startService()
 
     def stopService(self) -> Deferred[None] | None:
@@ -85,6 +92,7 @@ def stream_listener(
     policy: ConnectionPolicy,
     stats: ServiceStats,
     reactor: Any,
+    prepare: Callable[[], None] | None = None,
 ) -> Listener | None:
     """A TCP-style service on its port setting, under the shared connection policy."""
     description = stream_description(spec, interface)
@@ -94,7 +102,9 @@ def stream_listener(
 
     guarded = GuardedFactory(factory, policy, stats, reactor)
     endpoint = serverFromString(reactor, description)
-    return Listener(name, description, lambda: endpoint.listen(guarded), stats, guarded.server_stopping)
+    return Listener(
+        name, description, lambda: endpoint.listen(guarded), stats, guarded.server_stopping, prepare
+    )
 
 
 def describe(address: Any) -> str:

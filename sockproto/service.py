@@ -52,7 +52,16 @@ class Suite(MultiService):
         Service.privilegedStartService(self)
 
     def startService(self) -> None:
-        super().startService()
+        # Services check what they will use here, as the user twistd runs them
+        # as (--uid); one that cannot work stops them all before any is ready.
+        try:
+            super().startService()
+        except StartupError as error:
+            for child in self:
+                child.stopService()
+            log.critical("{error}", error=str(error))
+            _report_cleanly(StartupError)
+            raise
         # Ready means the reactor runs (and handles SIGTERM), not just listening.
         self.reactor.callWhenRunning(self._ready)
 
