@@ -594,7 +594,10 @@ class Pop3Protocol(BoundedLineReceiver):
         except FileNotFoundError:
             return self._err(b"[SYS/PERM] message is gone")
         except OSError as error:
-            log.warn("pop3: cannot read {path}: {error}", path=message.path, error=str(error))
+            # A file name in a Maildir is whatever the deliverer chose: escaped too.
+            log.warn(
+                "pop3: cannot read {path}: {error}", path=loggable(message.path), error=loggable(str(error))
+            )
             return self._err(b"[SYS/TEMP] cannot read the message")
         self._ok(first)
         self._file, self._transfer = file, WireReader(file, body_lines)
