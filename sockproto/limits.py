@@ -2,8 +2,9 @@
 
 - :class:`GuardedFactory` wraps any server factory (ours or twisted.web's) and
   gives every connection the suite's connection policy: a cap on clients with an
-  overflow line, an idle timeout, byte and connection counters, and a bounded
-  close (a peer that never reads cannot keep a closing connection alive).
+  overflow line, an idle timeout, byte and connection counters, a bounded
+  close (a peer that never reads cannot keep a closing connection alive), and
+  a graceful stop (work in progress finishes, within a grace period).
 - :class:`BoundedLineReceiver` is the line policy: LF lines with CR tolerated, a
   length cap answered with an error line, the last line kept on half-close.
 - :class:`TokenBucket` and :class:`BucketTable` are the rate limits.
