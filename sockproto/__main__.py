@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -15,6 +19,14 @@ from sockproto import __version__, config
 
 class CommandError(Exception):
     """A tool cannot do what was asked; the message says why."""
+
+
+class Interrupted(BaseException):
+    """A signal ended the command (BaseException, as KeyboardInterrupt is)."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.user}: password set in {args.file}", file=sys.stderr)
         elif args.command == "deliver":
             root = args.maildir or config.load(args.config)[0].pop3.maildir
-            if args.file:
-                with open(args.file, "rb") as source:
-                    path = deliver_message(root, args.user, source)
-            else:
-                path = deliver_message(root, args.user, sys.stdin.buffer)
+            with termination_exits():
+                if args.file:
+                    with open(args.file, "rb") as source:
+                        path = deliver_message(root, args.user, source)
+                else:
+                    path = deliver_message(root, args.user, sys.stdin.buffer)
             print(path)
     except (CommandError, config.ConfigError) as error:
         print(f"python -m sockproto {args.command}: error: {error}", file=sys.stderr)
@@ -64,7 +77,34 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {error.filename}" if error.filename else ""
         print(f"python -m sockproto {args.command}: error: {error.strerror}{where}", file=sys.stderr)
         return 1
+    except (Interrupted, KeyboardInterrupt) as stop:
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        print(
+            f"python -m sockproto {args.command}: interrupted by {signal.Signals(signum).name}",
+            file=sys.stderr,
+        )
+        return 128 + signum
     return 0
+
+
+@contextlib.contextmanager
+def termination_exits() -> Iterator[None]:
+    """Inside, SIGTERM and SIGHUP end the command the way Ctrl-C does:
+    through the clean-ups on the way out (a delivery removes its file from
+    tmp/), rather than killing it where it stands."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def read_password() -> bytes:

@@ -31,6 +31,7 @@ from zope.interface import implementer
 from sockproto.config import ConfigError, Settings
 
 HASH_PREFIX = b"$scrypt$"
+PREHASH = b"hmac-sha256"  # see _prehash
 # Django's scrypt parameters: 16 MiB and some 50 ms per check.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 _KEY_LENGTH = 32
@@ -88,13 +89,14 @@ def _bytes(value: str | bytes) -> bytes:
 def hash_password(password: bytes, salt: bytes | None = None) -> bytes:
     """A salted scrypt hash in the form the file checker reads."""
     salt = os.urandom(16) if salt is None else salt
-    key = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    params = b"n=%d,r=%d,p=%d" % (SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    key = _scrypt(_prehash(password, salt), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    params = b"n=%d,r=%d,p=%d,pre=%s" % (SCRYPT_N, SCRYPT_R, SCRYPT_P, PREHASH)
     return b"$".join([HASH_PREFIX.rstrip(b"$"), params, _b64(salt), _b64(key)])
 
 
 def verify_password(password: bytes, stored: bytes) -> bool:
-    """Whether ``password`` matches a hash from :func:`hash_password`."""
+    """Whether ``password`` matches a hash from :func:`hash_password` (or
+    from an earlier version, without ``pre=``)."""
     try:
         _, scheme, params, salt, key = stored.split(b"$")
         cost = dict(item.split(b"=", 1) for item in params.split(b","))
@@ -103,10 +105,27 @@ def verify_password(password: bytes, stored: bytes) -> bool:
         expected = base64.b64decode(key + b"=" * (-len(key) % 4), validate=True)
         if scheme != b"scrypt" or not (1 < n <= 2**20 and 0 < r <= 32 and 0 < p <= 16):
             return False
+        pre = cost.get(b"pre")
+        if pre == PREHASH:
+            password = _prehash(password, salt_bytes)
+        elif pre is not None:
+            return False
         actual = _scrypt(password, salt_bytes, n, r, p, len(expected))
     except (ValueError, KeyError, binascii.Error):
         return False
     return hmac.compare_digest(actual, expected)
+
+
+def _prehash(password: bytes, salt: bytes) -> bytes:
+    """The password as scrypt gets it: 32 bytes, an HMAC-SHA256 keyed by the salt.
+
+    scrypt keys an HMAC with the password, and HMAC pads a short key with
+    zero bytes and hashes a long one: on its own, ``s3cret`` and
+    ``s3cret\\0`` would be the same password, and so would any password over
+    64 bytes and its SHA-256. A fixed-length input has neither; keying it by
+    the salt means a leaked plain SHA-256 of a password cannot be tried here.
+    """
+    return hmac.new(salt, password, hashlib.sha256).digest()
 
 
 def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, length: int = _KEY_LENGTH) -> bytes:
@@ -118,7 +137,7 @@ def _b64(data: bytes) -> bytes:
 
 
 # Checked when the user does not exist, so that the answer takes as long.
-_DUMMY_HASH = b"$scrypt$n=16384,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$" + b"A" * 43
+_DUMMY_HASH = b"$scrypt$n=16384,r=8,p=1,pre=hmac-sha256$AAAAAAAAAAAAAAAAAAAAAA$" + b"A" * 43
 
 Runner = Callable[..., "defer.Deferred[Any]"]
 

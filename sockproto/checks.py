@@ -171,6 +171,9 @@ def _parse_endpoint(spec: str) -> None:
 
     try:
         endpoints.serverFromString(reactor, spec)
+    except OSError as error:  # a file the endpoint names (ssl: key and certificate)
+        where = f" {error.filename}" if error.filename else ""
+        raise ValueError(f"endpoint {spec!r}: cannot read{where}: {error.strerror or error}") from None
     except Exception as error:  # the parsers raise many types; all mean 'bad'
         raise ValueError(f"malformed endpoint {spec!r}: {error}") from None
     kind, _, rest = spec.partition(":")

@@ -43,6 +43,12 @@ class SuiteSettings:
     )
     tls_cert: str = option("", checks.optional_path, "PEM certificate for TLS (POP3 STLS).")
     tls_key: str = option("", checks.optional_path, "PEM private key for TLS (POP3 STLS).")
+    shutdown_grace: float = option(
+        10.0,
+        checks.seconds,
+        "At a stop (SIGTERM), seconds the connections get to finish the work in progress "
+        "(an HTTP response, a POP3 RETR) before they are cut (0: cut at once).",
+    )
 
 
 @dataclass(frozen=True)

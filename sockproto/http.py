@@ -33,7 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IPullProducer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -489,6 +489,7 @@ class ResponderChannel(HTTPChannel):
     site: ResponderSite
     _receiving = False  # part of a request is in: its deadline runs
     _stall_call: Any = None
+    _until_done: Deferred[bytes] | None = None  # the server stops once the response is out
 
     def dataReceived(self, data: bytes) -> None:
         # HTTPChannel restarts the timer on every chunk; start it only at a
@@ -580,9 +581,25 @@ class ResponderChannel(HTTPChannel):
         self._cancel_stall()
         super().connectionLost(reason)
 
-    def server_stopping(self) -> bytes:
-        """The suite stops: the guard closes the connection once its output is out."""
-        return b""
+    def server_stopping(self) -> bytes | Deferred[bytes]:
+        """The suite stops: a response under way is finished, then the
+        connection closes instead of waiting for another request (its header
+        says ``Connection: close`` if it is not sent yet). An idle connection,
+        or one whose request is still arriving, closes now."""
+        if not self._handlingRequest:
+            return b""
+        self.persistent = False
+        for request in self.requests:
+            if not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self._until_done = Deferred()
+        return self._until_done
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self._until_done is not None and not self.requests:
+            done, self._until_done = self._until_done, None
+            done.callback(b"")
 
 
 class ResponderRequest(server.Request):

@@ -2,8 +2,9 @@
 
 - :class:`GuardedFactory` wraps any server factory (ours or twisted.web's) and
   gives every connection the suite's connection policy: a cap on clients with an
-  overflow line, an idle timeout, byte and connection counters, and a bounded
-  close (a peer that never reads cannot keep a closing connection alive).
+  overflow line, an idle timeout, byte and connection counters, a bounded
+  close (a peer that never reads cannot keep a closing connection alive), and
+  a graceful stop (work in progress finishes, within a grace period).
 - :class:`BoundedLineReceiver` is the line policy: LF lines with CR tolerated, a
   length cap answered with an error line, the last line kept on half-close.
 - :class:`TokenBucket` and :class:`BucketTable` are the rate limits.
@@ -18,7 +19,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -34,9 +35,9 @@ log = Logger(namespace="sockproto")
 # How long a connection we decided to close may take to flush its last words
 # before it is aborted (twisted.web uses 15 s for the same purpose).
 CLOSE_GRACE = 15.0
-# How long a stopping service waits for its connections to take their last
-# words; the reactor drops whatever is still unsent when it stops.
-SHUTDOWN_GRACE = 5.0
+# How long a stopping service lets its connections finish the work in
+# progress and take their last words before it cuts them (--shutdown-grace).
+SHUTDOWN_GRACE = 10.0
 
 
 def peer_of(transport: Any) -> str:
@@ -97,7 +98,7 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
 
     factory: GuardedFactory
     _abort_call: Any = None
-    _flow_control = False  # the service's protocol is its transport's producer
+    _producer: Any = None  # what the wrapped protocol registered on the transport
 
     def makeConnection(self, transport: Any) -> None:
         # Unlike ProtocolWrapper, also pass half-close through when the wrapped
@@ -129,28 +130,69 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
         self._stats.bytes_out += sum(map(len, data))
         self.transport.writeSequence(data)
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        # A protocol registering itself produces nothing: it asks that reading
-        # pause while its output backs up (LineReceiver can be used so).
-        self._flow_control = producer is self.wrappedProtocol
-        self.transport.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        self._flow_control = False
-        self.transport.unregisterProducer()
-
     def loseConnection(self) -> None:
         if not self.disconnecting:
             self.disconnecting = 1
             # Closing: the close is bounded by close_gently, and an idle
             # timeout now would only log and count a second, false close.
             self.setTimeout(None)
-            if self._flow_control:
-                # A transport closes once its producer is unregistered; with a
+            if self._producer is self.wrappedProtocol:
+                # A protocol registered as its own producer produces nothing:
+                # it asks that reading pause while its output backs up. A
+                # transport closes once its producer is unregistered; with a
                 # paused one it resumes it instead, and the close would wait
                 # for the abort (HTTPChannel unregisters itself for the same reason).
                 self.unregisterProducer()
             close_gently(self.transport, self.factory.clock, self)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._producer = producer
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self._producer is not None:
+            self._producer = None
+            self.transport.unregisterProducer()
+
+    def _close(self, farewell: bytes = b"") -> None:
+        """A close the guard decides on (idle, shutdown): the protocol has had
+        its say, so a producer it left registered is let go; with one, a TCP
+        transport whose producer is paused, and a TLS one always, would wait
+        for it instead of closing."""
+        if self.disconnecting or not self.connected:
+            return
+        if farewell:
+            self.write(farewell)
+        self.unregisterProducer()
+        self.loseConnection()
+
+    def server_stopping(self) -> None:
+        """The service stops: the protocol finishes the work in progress and
+        says its last words (its ``server_stopping()`` hook returns them, or a
+        Deferred firing with them once that work is done), then the connection
+        closes once its output is out. A connection closing already is left to
+        finish."""
+        if self.disconnecting:
+            return
+        hook = getattr(self.wrappedProtocol, "server_stopping", None)
+        farewell = maybeDeferred(hook) if hook is not None else succeed(b"")
+        farewell.addCallback(self._close)
+        farewell.addErrback(self._stopping_failed)
+
+    def cut(self) -> None:
+        """Close now, dropping unsent output: the grace is over."""
+        self.disconnecting = 1
+        abort = getattr(self.transport, "abortConnection", None)
+        (abort or self.transport.loseConnection)()
+
+    def _stopping_failed(self, failure: Any) -> None:
+        log.failure(
+            "{service}: {peer}: error in the shutdown hook",
+            failure,
+            service=self._stats.name,
+            peer=peer_of(self),
+        )
+        self._close()
 
     def readConnectionLost(self) -> None:
         self.wrappedProtocol.readConnectionLost()
@@ -167,12 +209,10 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
             seconds=self.factory.policy.idle_timeout,
         )
         goodbye = getattr(self.wrappedProtocol, "idle_timed_out", None)
-        farewell = goodbye() if goodbye is not None else b""
-        if farewell:
-            self.write(farewell)
-        self.loseConnection()
+        self._close(goodbye() if goodbye is not None else b"")
 
     def connectionLost(self, reason: Any) -> None:
+        self.connected = 0
         self.setTimeout(None)
         _cancel(self._abort_call)
         super().connectionLost(reason)
@@ -222,30 +262,45 @@ class GuardedFactory(WrappingFactory):
             if not waiting:
                 self._stopped()
 
-    def server_stopping(self) -> Deferred[None] | None:
-        """The service stops: each protocol with a ``server_stopping() -> bytes``
-        hook gets to say its last words, then its connection is closed.
+    def server_stopping(self, grace: float = SHUTDOWN_GRACE) -> Deferred[None] | None:
+        """The service stops (its port is closed already): every connection
+        finishes the work in progress, says its last words and closes (see
+        :meth:`GuardedProtocol.server_stopping`).
 
-        The Deferred fires once those connections are closed (or after
-        ``SHUTDOWN_GRACE`` seconds): the reactor drops unsent output when it
-        stops, so the last words would otherwise never leave.
+        The Deferred fires once every connection is closed, or after ``grace``
+        seconds, when those still open are cut: the reactor would drop their
+        unsent output when it stops, and a client must not hold up the stop.
         """
-        closing = []
-        for wrapper in list(self.protocols):
-            hook = getattr(wrapper.wrappedProtocol, "server_stopping", None)
-            if hook is not None:
-                farewell = hook()
-                if farewell:
-                    wrapper.write(farewell)
-                wrapper.loseConnection()
-                closing.append(wrapper)
-        waiting = {wrapper for wrapper in closing if wrapper in self.protocols}
-        if not waiting:
+        if not self.protocols:
             return None
+        waiting = set(self.protocols)
         done: Deferred[None] = Deferred()
-        timer = self.clock.callLater(SHUTDOWN_GRACE, self._stopped)
+        timer = self.clock.callLater(grace, self._grace_over, grace)
         self._stopping = (waiting, done, timer)
+        log.info(
+            "{service}: closing {count} connection(s), finishing work in progress for up to {grace:g} s",
+            service=self.stats.name,
+            count=len(waiting),
+            grace=grace,
+        )
+        for wrapper in list(waiting):
+            wrapper.server_stopping()
         return done
+
+    def _grace_over(self, grace: float) -> None:
+        if self._stopping is None:
+            return
+        waiting = list(self._stopping[0])
+        self._stopping = (set(), *self._stopping[1:])
+        log.info(
+            "{service}: {count} connection(s) still open after {grace:g} s; cutting them",
+            service=self.stats.name,
+            count=len(waiting),
+            grace=grace,
+        )
+        for wrapper in waiting:
+            wrapper.cut()
+        self._stopped()
 
     def _stopped(self) -> None:
         if self._stopping is not None:

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sockproto.endpoints import stream_description
-from sockproto.limits import ConnectionPolicy, GuardedFactory
+from sockproto.limits import SHUTDOWN_GRACE, ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
 
 log = Logger(namespace="sockproto")
@@ -23,7 +23,17 @@ class StartupError(Exception):
 
 
 class Listener(Service):
-    """Listens while running; says where it listens, and that it stopped."""
+    """Listens while running; says where it listens, and that it stopped.
+
+    ``on_stop(grace)`` runs once the port is closed: the open connections get
+    ``shutdown_grace`` seconds to finish (the suite sets it from
+    ``--shutdown-grace``). ``prepare`` runs at start once twistd has dropped
+    privileges (``--uid``), so it checks what the service will use as the
+    user it runs as; it raises :class:`StartupError` if the service cannot
+    work.
+    """
+
+    shutdown_grace = SHUTDOWN_GRACE
 
     def __init__(
         self,
@@ -31,13 +41,15 @@ class Listener(Service):
         where: str,
         listen: Callable[[], Any],
         stats: ServiceStats,
-        on_stop: Callable[[], Any] | None = None,
+        on_stop: Callable[[float], Any] | None = None,
+        prepare: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.where = where
         self._listen = listen
         self._stats = stats
-        self._on_stop = on_stop  # after the port closes: tell the open connections
+        self._on_stop = on_stop
+        self._prepare = prepare
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -55,6 +67,8 @@ class Listener(Service):
     def startService(self) -> None:
         if self.port is None:  # not started by twistd's privileged pass
             self.privilegedStartService()
+        if self._prepare is not None:
+            self._prepare()
         super().startService()
 
     def stopService(self) -> Deferred[None] | None:
@@ -65,7 +79,7 @@ class Listener(Service):
         self._stats.listening.clear()
         stopped = maybeDeferred(port.stopListening)
         if self._on_stop is not None:
-            stopped.addCallback(lambda _: self._on_stop())
+            stopped.addCallback(lambda _: self._on_stop(self.shutdown_grace))
         stopped.addCallback(lambda _: log.info("{service} stopped", service=self.name))
         return stopped
 
@@ -78,6 +92,7 @@ def stream_listener(
     policy: ConnectionPolicy,
     stats: ServiceStats,
     reactor: Any,
+    prepare: Callable[[], None] | None = None,
 ) -> Listener | None:
     """A TCP-style service on its port setting, under the shared connection policy."""
     description = stream_description(spec, interface)
@@ -87,7 +102,9 @@ def stream_listener(
 
     guarded = GuardedFactory(factory, policy, stats, reactor)
     endpoint = serverFromString(reactor, description)
-    return Listener(name, description, lambda: endpoint.listen(guarded), stats, guarded.server_stopping)
+    return Listener(
+        name, description, lambda: endpoint.listen(guarded), stats, guarded.server_stopping, prepare
+    )
 
 
 def describe(address: Any) -> str:

@@ -320,7 +320,9 @@ def new_unique_name() -> str:
     _deliveries += 1
     now = time.time()
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
-    return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{_deliveries}R{secrets.token_hex(4)}.{host}"
+    # Zero-padded microseconds: deliveries within one second (and one mtime
+    # tick, when listings fall back to the name) sort in the order they came.
+    return f"{int(now)}.M{int(now % 1 * 1e6):06d}P{os.getpid()}Q{_deliveries}R{secrets.token_hex(4)}.{host}"
 
 
 class MailboxLock:

@@ -42,7 +42,7 @@ from sockproto import __version__, auth
 from sockproto.config import ConfigError, Settings
 from sockproto.endpoints import loopback_only, stream_description
 from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, FailureDelays, peer_of
-from sockproto.listening import Listener, stream_listener
+from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.maildir import IMaildrop, MailboxInUseError, Maildrop, WireReader, valid_user
 from sockproto.stats import ServiceStats, Stats
 from sockproto.text import loggable
@@ -58,6 +58,7 @@ MAX_LINE = 8192
 MAX_BACKLOG = MAX_LINE
 # The longest a failed login's answer is held back, however many failures.
 MAX_AUTH_DELAY = 30.0
+SHUTTING_DOWN = b"-ERR [SYS/TEMP] server shutting down\r\n"
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
 COMMANDS = {
@@ -145,6 +146,8 @@ class Pop3Protocol(BoundedLineReceiver):
         self._reading = True
         self._peer_closed = False
         self._lost = False
+        self._shutting_down = False  # the server stops: no further command is run
+        self._until_done: defer.Deferred[bytes] | None = None  # fired when the last one is done
 
     # -- connection events
 
@@ -201,12 +204,28 @@ class Pop3Protocol(BoundedLineReceiver):
         self._stop_output()
         return b""  # RFC 1939 section 3: close without a response
 
-    def server_stopping(self) -> bytes:
-        busy = self._transfer is not None or self._waiting is not None
-        self._stop_output()
-        if busy:
-            return b""  # a line now would land inside another response
-        return b"-ERR [SYS/TEMP] server shutting down\r\n"
+    def server_stopping(self) -> bytes | defer.Deferred[bytes]:
+        """The command in progress (a RETR streaming, a login being checked)
+        finishes; the commands after it are not run. Then the session ends
+        with the shutdown line, without an UPDATE: nothing is deleted."""
+        self._shutting_down = True
+        if IDelayedCall.providedBy(self._waiting):
+            # A failed login's answer, held back: the shutdown line answers
+            # it, and says nothing about the password.
+            self._waiting.cancel()
+            self._waiting = None
+        self._update()
+        if self._transfer is None and self._waiting is None:
+            self._stop_output()
+            return SHUTTING_DOWN
+        self._until_done = defer.Deferred()
+        return self._until_done
+
+    def _stopped_if_done(self) -> None:
+        if self._until_done is not None and self._transfer is None and self._waiting is None:
+            done, self._until_done = self._until_done, None
+            self._stop_output()
+            done.callback(SHUTTING_DOWN)
 
     def _close(self) -> None:
         self._stop_output()
@@ -245,7 +264,12 @@ class Pop3Protocol(BoundedLineReceiver):
         once would also stall a TLS handshake, during which TLS holds back
         our output (the greeting on an ssl: port).
         """
-        self.paused = self._output_full or self._waiting is not None or self._transfer is not None
+        self.paused = (
+            self._shutting_down
+            or self._output_full
+            or self._waiting is not None
+            or self._transfer is not None
+        )
         reading = not (self.paused and len(self._buffer) >= MAX_BACKLOG)
         if reading != self._reading and not self._peer_closed and not self._lost:
             self._reading = reading
@@ -259,6 +283,9 @@ class Pop3Protocol(BoundedLineReceiver):
         if self._lost:
             return
         self._send_chunks()
+        if self._shutting_down:
+            self._stopped_if_done()
+            return
         self._update()
         if self.paused or self._busyReceiving:  # else the loop we are called from goes on
             return
@@ -475,6 +502,9 @@ class Pop3Protocol(BoundedLineReceiver):
             user=loggable(user),
             delay=delay,
         )
+        if self._shutting_down:  # answered by the shutdown line
+            self._run()
+            return
         self._waiting = self.factory.clock.callLater(delay, self._answer_failed)
         self._update()
 
@@ -564,7 +594,10 @@ class Pop3Protocol(BoundedLineReceiver):
         except FileNotFoundError:
             return self._err(b"[SYS/PERM] message is gone")
         except OSError as error:
-            log.warn("pop3: cannot read {path}: {error}", path=message.path, error=str(error))
+            # A file name in a Maildir is whatever the deliverer chose: escaped too.
+            log.warn(
+                "pop3: cannot read {path}: {error}", path=loggable(message.path), error=loggable(str(error))
+            )
             return self._err(b"[SYS/TEMP] cannot read the message")
         self._ok(first)
         self._file, self._transfer = file, WireReader(file, body_lines)
@@ -662,31 +695,91 @@ class Pop3Factory(Factory):
 
 def tls_options(cert: str, key: str) -> Any:
     """A TLS server context from PEM files; the certificate file may hold the
-    chain after the server's certificate, and the key if no key file is given."""
+    chain after the server's certificate, and the key if no key file is given.
+
+    Every way these can be wrong is found here, at start, and said in one
+    line naming the option and the file: a file missing or unreadable, one
+    without the PEM block expected, a key that does not belong to the
+    certificate.
+    """
     from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
     from OpenSSL import SSL
     from twisted.internet.ssl import CertificateOptions
 
+    def read(option: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as error:
+            raise ConfigError(f"{option}: cannot read {path}: {error.strerror}") from None
+
+    cert_pem = read("--tls-cert", cert)
+    key_option, key_path = ("--tls-key", key) if key else ("--tls-cert", cert)
+    key_pem = read(key_option, key_path)
     try:
-        cert_pem = Path(cert).read_bytes()
-        if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
-            raise ValueError("no PEM certificate in it")
-        chain = x509.load_pem_x509_certificates(cert_pem)
-        key_pem = Path(key or cert).read_bytes()
+        chain = (
+            x509.load_pem_x509_certificates(cert_pem) if b"-----BEGIN CERTIFICATE-----" in cert_pem else []
+        )
+    except ValueError:
+        chain = []
+    if not chain:
+        raise ConfigError(f"--tls-cert: no PEM certificate in {cert}")
+    try:
         private = load_pem_private_key(key_pem, password=None)
+    except TypeError:  # encrypted: twistd could not ask for the passphrase
+        raise ConfigError(
+            f"{key_option}: the private key in {key_path} is encrypted; give it unencrypted"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{key_option}: no PEM private key in {key_path}") from None
+
+    def spki(public_key: Any) -> bytes:
+        return public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+
+    if spki(private.public_key()) != spki(chain[0].public_key()):
+        raise ConfigError(
+            f"{key_option}: the private key in {key_path} does not belong to the certificate in {cert}"
+        )
+    try:
         options = CertificateOptions(privateKey=private, certificate=chain[0], extraCertChain=chain[1:])
-        options.getContext()  # fails now if the key does not match
-    except (OSError, ValueError, TypeError, SSL.Error) as error:
-        reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        raise ConfigError(f"--tls-cert/--tls-key: cannot use {cert}: {reason}") from None
+        options.getContext()
+    except (ValueError, TypeError, SSL.Error) as error:
+        raise ConfigError(
+            f"--tls-cert/--tls-key: cannot use {cert}: {error or type(error).__name__}"
+        ) from None
     return options
+
+
+def check_maildir_root(root: Path) -> None:
+    """The Maildir root exists (it is made if missing) and this process can
+    make mailboxes in it: an operator learns that at start, not from the
+    first client's failed login. Run after twistd drops privileges."""
+    if root.exists() and not root.is_dir():
+        raise StartupError(f"pop3: the Maildir root {root} (--maildir) is not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StartupError(
+            f"pop3: cannot make the Maildir root {root} (--maildir): {error.strerror}"
+        ) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise StartupError(
+            f"pop3: the Maildir root {root} (--maildir) is not writable by the user the server runs as "
+            f"(uid {os.getuid()})"
+        )
 
 
 def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     """The POP3 service as configured, or None when its port is off."""
     pop3 = settings.pop3
-    description = stream_description(pop3.port, settings.suite.interface)
+    suite = settings.suite
+    # TLS files are checked even when POP3 is off: an operator who gave them
+    # expects TLS, and a typo must not pass silently.
+    if suite.tls_key and not suite.tls_cert:
+        raise ConfigError("--tls-key: needs --tls-cert too")
+    tls = tls_options(suite.tls_cert, suite.tls_key) if suite.tls_cert else None
+    description = stream_description(pop3.port, suite.interface)
     if description is None:
         return None
     if not pop3.maildir:
@@ -698,10 +791,6 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
             f"pop3: without --auth any password is accepted, so POP3 listens on loopback only, "
             f"not {description}; add --auth (e.g. --auth file:users.txt) or listen on 127.0.0.1"
         )
-    suite = settings.suite
-    if suite.tls_key and not suite.tls_cert:
-        raise ConfigError("--tls-key: needs --tls-cert too")
-    tls = tls_options(suite.tls_cert, suite.tls_key) if suite.tls_cert else None
     implicit_tls = description.startswith("ssl:")
     if pop3.require_tls and tls is None and not implicit_tls:
         raise ConfigError("--pop3-require-tls: needs --tls-cert and --tls-key (for STLS) or an ssl: endpoint")
@@ -723,4 +812,13 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         overflow_message=b"-ERR [SYS/TEMP] too many sessions, try again later\r\n",
         idle_timeout=pop3.idle_timeout,
     )
-    return stream_listener("pop3", pop3.port, suite.interface, factory, policy, service_stats, reactor)
+    return stream_listener(
+        "pop3",
+        pop3.port,
+        suite.interface,
+        factory,
+        policy,
+        service_stats,
+        reactor,
+        prepare=lambda: check_maildir_root(root),
+    )

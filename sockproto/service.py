@@ -52,7 +52,16 @@ class Suite(MultiService):
         Service.privilegedStartService(self)
 
     def startService(self) -> None:
-        super().startService()
+        # Services check what they will use here, as the user twistd runs them
+        # as (--uid); one that cannot work stops them all before any is ready.
+        try:
+            super().startService()
+        except StartupError as error:
+            for child in self:
+                child.stopService()
+            log.critical("{error}", error=str(error))
+            _report_cleanly(StartupError)
+            raise
         # Ready means the reactor runs (and handles SIGTERM), not just listening.
         self.reactor.callWhenRunning(self._ready)
 
@@ -96,6 +105,7 @@ def make_service(settings: Settings, reactor: Any = None, config_path: Path | No
         if builder is not None:
             listener = builder(settings, suite.stats, reactor)
             if listener is not None:
+                listener.shutdown_grace = settings.suite.shutdown_grace
                 listener.setServiceParent(suite)
     return suite
 

@@ -135,9 +135,21 @@ class ChatEndToEndTests(SynchronousTestCase):
 
 
 class StallingShutdownTests(SynchronousTestCase):
-    def test_a_client_that_never_reads_delays_the_stop_at_most_5_s(self) -> None:
+    def test_a_client_that_never_reads_delays_the_stop_at_most_the_grace(self) -> None:
         # No cap on pending output, so the stalled client keeps its backlog.
-        suite = Suite([*ALL_OFF, "--chat-port", "0", "--chat-rate", "0", "--chat-max-pending", "0"]).start()
+        suite = Suite(
+            [
+                *ALL_OFF,
+                "--chat-port",
+                "0",
+                "--chat-rate",
+                "0",
+                "--chat-max-pending",
+                "0",
+                "--shutdown-grace",
+                "5",
+            ]
+        ).start()
         self.addCleanup(suite.stop)
         stalled, talker = socket.socket(), socket.socket()
         for sock in (stalled, talker):

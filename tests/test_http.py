@@ -764,3 +764,34 @@ class ConnectionCapTests(SynchronousTestCase):
         connection = harness.connect()
         harness.factory.server_stopping()
         self.assertTrue(connection.closed)
+
+
+class GracefulStopTests(SynchronousTestCase):
+    """At a stop, a response under way is finished; the connection then
+    closes. (Downloads need the reactor's cooperator: see test_graceful_stop.)"""
+
+    def setUp(self) -> None:
+        self.http = Harness(self)
+
+    def test_a_delayed_answer_is_sent_then_the_connection_closes(self) -> None:
+        connection, idle = self.http.connect(), self.http.connect()
+        connection.send(b"GET /delay/2 HTTP/1.1\r\nHost: x\r\n\r\nGET /ip HTTP/1.1\r\nHost: x\r\n\r\n")
+        with capturedLogs():
+            stopped = self.http.factory.server_stopping(grace=10)
+        self.assertTrue(idle.closed)
+        self.assertFalse(connection.closed)
+        self.http.clock.advance(2)
+        (response,) = parse_responses(connection.received())  # the pipelined /ip is not answered
+        self.assertEqual(json.loads(response.body)["path"], "/delay/2")
+        self.assertEqual(response.header(b"connection"), b"close")
+        self.assertTrue(connection.closed)
+        idle.lose()
+        connection.lose()
+        self.assertTrue(stopped.called)
+
+    def test_a_request_still_arriving_is_not_waited_for(self) -> None:
+        connection = self.http.connect()
+        connection.send(b"GET /ip HTTP/1.1\r\nHo")
+        self.http.factory.server_stopping()
+        self.assertTrue(connection.closed)
+        self.assertEqual(connection.received(), b"")

@@ -3,12 +3,17 @@ delays, and a shutdown that lets the last words out."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from sockproto import config
 from sockproto.limits import SHUTDOWN_GRACE, ConnectionPolicy, FailureDelays, GuardedFactory, OutputBuffer
 from sockproto.stats import ServiceStats
 
@@ -158,26 +163,56 @@ class Farewell(Protocol):
 
 
 class Silent(Protocol):
-    pass
+    """No hook: nothing to finish, nothing to say."""
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)  # like strip: reading follows writing
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Busy(Protocol):
+    """Has work in progress when the stop comes: says goodbye once it is done."""
+
+    def server_stopping(self) -> Deferred[bytes]:
+        self.done: Deferred[bytes] = Deferred()
+        return self.done
+
+
+class Broken(Protocol):
+    def server_stopping(self) -> bytes:
+        raise RuntimeError("hook bug")
 
 
 class ShutdownTests(SynchronousTestCase):
-    """The reactor drops unsent output when it stops: the stop waits for the goodbyes."""
+    """One mechanism for every TCP service: at a stop each connection finishes
+    its work in progress, says its last words and closes, all within a grace
+    period; the stop waits for that, since the reactor drops unsent output."""
 
     def setUp(self) -> None:
         self.clock = Clock()
-        stats = ServiceStats("test", "things")
-        self.factory = GuardedFactory(Factory.forProtocol(Farewell), ConnectionPolicy(), stats, self.clock)
 
-    def connect(self) -> tuple[object, StringTransport]:
-        wrapper = self.factory.buildProtocol(PEER)
+    def factory_for(self, protocol: type[Protocol]) -> GuardedFactory:
+        stats = ServiceStats("test", "things")
+        return GuardedFactory(Factory.forProtocol(protocol), ConnectionPolicy(), stats, self.clock)
+
+    def connect(self, factory: GuardedFactory) -> tuple[Any, StringTransport]:
+        wrapper = factory.buildProtocol(PEER)
         transport = StringTransport()
         wrapper.makeConnection(transport)
         return wrapper, transport
 
     def test_waits_until_every_connection_is_closed(self) -> None:
-        (one, one_transport), (two, _) = self.connect(), self.connect()
-        stopped = self.factory.server_stopping()
+        factory = self.factory_for(Farewell)
+        (one, one_transport), (two, _) = self.connect(factory), self.connect(factory)
+        stopped = factory.server_stopping()
         self.assertEqual(one_transport.value(), b"bye\r\n")
         self.assertTrue(one_transport.disconnecting)
         fired: list[object] = []
@@ -188,22 +223,100 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual(fired, [None])
         self.assertEqual(self.clock.getDelayedCalls(), [])  # grace timer and aborts cancelled
 
-    def test_waits_at_most_the_grace(self) -> None:
-        self.connect()
+    def test_work_in_progress_finishes_before_the_goodbye(self) -> None:
+        factory = self.factory_for(Busy)
+        wrapper, transport = self.connect(factory)
         fired: list[object] = []
-        self.factory.server_stopping().addCallback(fired.append)
+        factory.server_stopping(grace=30).addCallback(fired.append)
+        self.assertFalse(transport.disconnecting)  # still working: not closed
+        self.clock.advance(29)
+        wrapper.wrappedProtocol.transport.write(b"the rest of the answer\r\n")
+        wrapper.wrappedProtocol.done.callback(b"bye\r\n")
+        self.assertEqual(transport.value(), b"the rest of the answer\r\nbye\r\n")
+        self.assertTrue(transport.disconnecting)
+        wrapper.connectionLost(None)
+        self.assertEqual(fired, [None])
+
+    def test_the_grace_bounds_it_and_cuts_what_is_left(self) -> None:
+        factory = self.factory_for(Busy)
+        (busy, busy_transport), (done, _) = self.connect(factory), self.connect(factory)
+        fired: list[object] = []
+        with capturedLogs() as events:
+            factory.server_stopping(grace=2.5).addCallback(fired.append)
+            done.wrappedProtocol.done.callback(b"")
+            done.connectionLost(None)
+            self.clock.advance(2.4)
+            self.assertEqual(fired, [])
+            self.clock.advance(0.1)
+        self.assertEqual(fired, [None])
+        self.assertTrue(busy_transport.disconnected)  # aborted
+        texts = [formatEvent(event) for event in events]
+        self.assertIn("test: closing 2 connection(s), finishing work in progress for up to 2.5 s", texts)
+        self.assertIn("test: 1 connection(s) still open after 2.5 s; cutting them", texts)
+        busy.wrappedProtocol.done.callback(b"too late\r\n")  # nothing is written to a cut connection
+        self.assertNotIn(b"too late", busy_transport.value())
+
+    def test_default_grace(self) -> None:
+        self.assertEqual(SHUTDOWN_GRACE, config.build({}).suite.shutdown_grace)
+        factory = self.factory_for(Busy)
+        self.connect(factory)
+        fired: list[object] = []
+        factory.server_stopping().addCallback(fired.append)
         self.clock.advance(SHUTDOWN_GRACE - 0.1)
         self.assertEqual(fired, [])
         self.clock.advance(0.1)
         self.assertEqual(fired, [None])
 
+    def test_zero_grace_cuts_at_once(self) -> None:
+        factory = self.factory_for(Busy)
+        _, transport = self.connect(factory)
+        fired: list[object] = []
+        with capturedLogs():
+            factory.server_stopping(grace=0).addCallback(fired.append)
+            self.clock.advance(0)
+        self.assertEqual(fired, [None])
+        self.assertTrue(transport.disconnected)
+
+    def test_without_a_hook_closed_too_and_its_producer_let_go(self) -> None:
+        """A registered producer would keep a TLS connection (and a TCP one
+        whose producer is paused) from ever closing."""
+        factory = self.factory_for(Silent)
+        _, transport = self.connect(factory)
+        self.assertIsNotNone(transport.producer)
+        self.assertIsNotNone(factory.server_stopping())
+        self.assertIsNone(transport.producer)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
     def test_nothing_to_wait_for(self) -> None:
-        self.assertIsNone(self.factory.server_stopping())
-        silent = GuardedFactory(
-            Factory.forProtocol(Silent), ConnectionPolicy(), ServiceStats("s", "x"), self.clock
+        self.assertIsNone(self.factory_for(Farewell).server_stopping())
+
+    def test_a_connection_closing_already_is_waited_for_not_asked(self) -> None:
+        factory = self.factory_for(Farewell)
+        wrapper, transport = self.connect(factory)
+        wrapper.loseConnection()
+        fired: list[object] = []
+        factory.server_stopping().addCallback(fired.append)
+        self.assertEqual(transport.value(), b"")
+        wrapper.connectionLost(None)
+        self.assertEqual(fired, [None])
+
+    def test_a_broken_hook_is_logged_and_the_connection_closed(self) -> None:
+        factory = self.factory_for(Broken)
+        _, transport = self.connect(factory)
+        with capturedLogs() as events:
+            factory.server_stopping()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual([e["log_failure"].value.args for e in events if "log_failure" in e], [("hook bug",)])
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_idle_timeout_lets_a_producer_go_too(self) -> None:
+        stats = ServiceStats("test", "things")
+        factory = GuardedFactory(
+            Factory.forProtocol(Silent), ConnectionPolicy(idle_timeout=5), stats, self.clock
         )
-        wrapper = silent.buildProtocol(PEER)
-        transport = StringTransport()
-        wrapper.makeConnection(transport)
-        self.assertIsNone(silent.server_stopping())
-        self.assertFalse(transport.disconnecting)
+        _, transport = self.connect(factory)
+        with capturedLogs():
+            self.clock.advance(5)
+        self.assertIsNone(transport.producer)
+        self.assertTrue(transport.disconnecting)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -322,6 +323,14 @@ class DeliverTests(SynchronousTestCase):
         box = Maildir(self.root / "alice")
         names = {box.deliver(io.BytesIO(b"x")).name for _ in range(20)}
         self.assertEqual(len(names), 20)
+
+    def test_unique_names_sort_in_delivery_order(self) -> None:
+        """Within one mtime tick a listing falls back to the names: 0.099999 s
+        must not sort after 0.100001 s."""
+        moments = iter([1_700_000_000.099999, 1_700_000_000.100001, 1_700_000_001.000002])
+        with mock.patch("time.time", lambda: next(moments)):
+            names = [maildir.new_unique_name() for _ in range(3)]
+        self.assertEqual(sorted(names), names)
 
     def test_failed_delivery_leaves_nothing(self) -> None:
         class Broken(io.BytesIO):

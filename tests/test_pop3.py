@@ -11,8 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -101,6 +104,17 @@ class Connection:
     @property
     def closed(self) -> bool:
         return bool(self.transport.disconnecting)
+
+
+@implementer(ICredentialsChecker)
+class SlowChecker:
+    """Answers when the test says so (a login checked in a thread, say)."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        self.pending: Deferred[Any] = Deferred()
+        return self.pending
 
 
 class Server:
@@ -542,10 +556,52 @@ class FlowControlTests(SynchronousTestCase):
         self.assertIsNone(self.client.protocol._transfer)
         self.assertEqual(len(self.server.messages()), 2)
 
-    def test_server_stop_during_a_transfer_adds_nothing_to_the_data(self) -> None:
-        self.client.guard.dataReceived(b"RETR 1\r\n")
-        self.assertEqual(self.client.protocol.server_stopping(), b"")
+    def test_server_stop_lets_the_retr_finish_then_ends_the_session(self) -> None:
+        self.client.guard.dataReceived(b"DELE 2\r\nRETR 1\r\nSTAT\r\nQUIT\r\n")
+        first = self.client.take_some()
+        stopped = self.server.guarded.server_stopping(grace=60)
+        self.assertFalse(self.client.closed)  # the message is still streaming
+        rest = self.client.take()
+        body = (first + rest).split(b"\r\n", 2)[2]  # after +OK to DELE and to RETR
+        self.assertEqual(body.count(b"\r\n..line"), 10000)
+        # The whole message, then the shutdown line; the commands after RETR never run.
+        self.assertTrue(body.endswith(b"\r\n.\r\n-ERR [SYS/TEMP] server shutting down\r\n"))
+        self.assertNotIn(b"+OK 1 ", body)
+        self.assertTrue(self.client.closed)
         self.assertIsNone(self.client.transport.producer)
+        self.client.lose()
+        self.assertTrue(stopped.called)
+        self.assertEqual(len(self.server.messages()), 2)  # no QUIT ran: DELE 2 not applied
+
+    def test_server_stop_answers_a_held_back_failed_login(self) -> None:
+        client = self.server.connect()
+        client.guard.dataReceived(b"USER alice\r\nPASS wrong\r\n")
+        self.assertEqual(client.take(), b"+OK send PASS\r\n")  # the -ERR waits a second
+        self.server.guarded.server_stopping()
+        self.assertEqual(client.take(), b"-ERR [SYS/TEMP] server shutting down\r\n")
+        self.assertTrue(client.closed)
+        answers = [
+            call
+            for call in self.server.clock.getDelayedCalls()
+            if call.func == client.protocol._answer_failed
+        ]
+        self.assertEqual(answers, [])
+
+    def test_server_stop_lets_a_login_being_checked_finish(self) -> None:
+        slow = SlowChecker()
+        server = Server(self, checkers=[slow])
+        server.deliver(b"Subject: x\n\nhi\n")
+        client = server.connect()
+        client.guard.dataReceived(b"USER alice\r\nPASS secret\r\nSTAT\r\n")
+        client.take()
+        server.guarded.server_stopping()
+        self.assertFalse(client.closed)
+        slow.pending.callback(b"alice")
+        self.assertEqual(
+            client.take(),
+            b"+OK alice's maildrop has 1 messages (18 octets)\r\n-ERR [SYS/TEMP] server shutting down\r\n",
+        )
+        self.assertTrue(client.closed)
 
     def test_idle_timer_is_ten_minutes_and_a_transfer_counts_as_activity(self) -> None:
         self.assertEqual(config.build({}).pop3.idle_timeout, 600.0)  # twisted.mail: 300 s

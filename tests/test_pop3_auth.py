@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import os
 import stat
 import subprocess
@@ -42,11 +44,31 @@ def synchronous(function: Any, *args: Any) -> defer.Deferred[Any]:
 class HashTests(SynchronousTestCase):
     def test_round_trip_and_salt(self) -> None:
         stored = hash_password(b"s3cret")
-        self.assertTrue(stored.startswith(b"$scrypt$n=16384,r=8,p=1$"))
+        self.assertTrue(stored.startswith(b"$scrypt$n=16384,r=8,p=1,pre=hmac-sha256$"))
         self.assertNotIn(b":", stored)  # it lives in a colon-separated file
         self.assertTrue(verify_password(b"s3cret", stored))
         self.assertFalse(verify_password(b"s3cret!", stored))
         self.assertNotEqual(stored, hash_password(b"s3cret"))
+
+    def test_no_other_password_is_the_same(self) -> None:
+        """scrypt's HMAC alone would take s3cret and s3cret NUL as one
+        password, and a long password and its SHA-256 too."""
+        stored = hash_password(b"s3cret")
+        for other in (b"s3cret\x00", b"s3cret\x00\x00", b"s3cre"):
+            self.assertFalse(verify_password(other, stored), other)
+        long = b"a passphrase longer than the 64 bytes of an HMAC-SHA256 block, by far"
+        stored = hash_password(long)
+        self.assertTrue(verify_password(long, stored))
+        self.assertFalse(verify_password(hashlib.sha256(long).digest(), stored))
+
+    def test_hashes_without_the_prehash_still_verify(self) -> None:
+        salt = b"0123456789abcdef"
+        key = hashlib.scrypt(b"old", salt=salt, n=2**14, r=8, p=1, dklen=32)
+        encode = base64.b64encode
+        stored = b"$scrypt$n=16384,r=8,p=1$" + encode(salt).rstrip(b"=") + b"$" + encode(key).rstrip(b"=")
+        self.assertTrue(verify_password(b"old", stored))
+        self.assertFalse(verify_password(b"new", stored))
+        self.assertFalse(verify_password(b"old", stored.replace(b"p=1$", b"p=1,pre=md5$")))
 
     def test_malformed_hashes_never_match(self) -> None:
         good = hash_password(b"x")

@@ -74,13 +74,52 @@ class BuildTests(SynchronousTestCase):
         self.assertIsNotNone(build(suite__tls_cert=str(combined)))
         _, other_key = make_certificate(folder / "other")
         error = self.assertRaises(config.ConfigError, build, suite__tls_cert=cert, suite__tls_key=other_key)
-        self.assertIn(f"--tls-cert/--tls-key: cannot use {cert}:", str(error))
+        self.assertEqual(
+            str(error),
+            f"--tls-key: the private key in {other_key} does not belong to the certificate in {cert}",
+        )
         error = self.assertRaises(config.ConfigError, build, suite__tls_cert=key, suite__tls_key=key)
-        self.assertIn("no PEM certificate in it", str(error))
+        self.assertEqual(str(error), f"--tls-cert: no PEM certificate in {key}")
+        error = self.assertRaises(config.ConfigError, build, suite__tls_cert=cert, suite__tls_key=cert)
+        self.assertEqual(str(error), f"--tls-key: no PEM private key in {cert}")
+        error = self.assertRaises(config.ConfigError, build, suite__tls_cert=cert)
+        self.assertEqual(str(error), f"--tls-cert: no PEM private key in {cert}")
         error = self.assertRaises(config.ConfigError, build, suite__tls_key=key)
         self.assertEqual(str(error), "--tls-key: needs --tls-cert too")
-        error = self.assertRaises(config.ConfigError, build, suite__tls_cert=str(folder / "missing.pem"))
-        self.assertIn("No such file", str(error))
+        missing = str(folder / "missing.pem")
+        error = self.assertRaises(config.ConfigError, build, suite__tls_cert=missing)
+        self.assertEqual(str(error), f"--tls-cert: cannot read {missing}: No such file or directory")
+        error = self.assertRaises(config.ConfigError, build, suite__tls_cert=cert, suite__tls_key=missing)
+        self.assertEqual(str(error), f"--tls-key: cannot read {missing}: No such file or directory")
+
+    def test_encrypted_key(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        folder = Path(temp_dir(self))
+        cert, key = make_certificate(folder)
+        private = serialization.load_pem_private_key(Path(key).read_bytes(), password=None)
+        encrypted = folder / "encrypted.pem"
+        encrypted.write_bytes(
+            private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        error = self.assertRaises(
+            config.ConfigError, build, suite__tls_cert=cert, suite__tls_key=str(encrypted)
+        )
+        self.assertEqual(
+            str(error), f"--tls-key: the private key in {encrypted} is encrypted; give it unencrypted"
+        )
+
+    def test_tls_files_checked_with_pop3_off(self) -> None:
+        folder = Path(temp_dir(self))
+        missing = str(folder / "missing.pem")
+        error = self.assertRaises(config.ConfigError, build, suite__tls_cert=missing, pop3__port="off")
+        self.assertIn("--tls-cert: cannot read", str(error))
+        cert, key = make_certificate(folder)
+        self.assertIsNone(build(suite__tls_cert=cert, suite__tls_key=key, pop3__port="off"))
 
     def test_defaults(self) -> None:
         settings = config.build({})

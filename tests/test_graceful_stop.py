@@ -1,0 +1,130 @@
+"""SIGTERM stops the suite gracefully, end to end: every service stops
+accepting, chat clients are told, an HTTP response or a POP3 RETR under way
+is finished, all within --shutdown-grace, and the process exits 0."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from sockproto.maildir import Maildir
+from tests.support import Suite, recv_all, recv_until, temp_dir, wait_for
+
+DOWNLOAD = 10 * 1024 * 1024  # the largest /bytes
+# About 20 MB on the wire, with dot-led lines to stuff.
+BIG_MESSAGE = b"Subject: big\n\n" + b".a line of some length that is led by a dot\n" * 450_000
+
+
+def http_get(suite: Suite, target: str) -> bytes:
+    with suite.connect("http") as sock:
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        return recv_all(sock)
+
+
+def body_of(response: bytes) -> tuple[bytes, bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head, body
+
+
+def start_everything(test: SynchronousTestCase, *extra: str) -> tuple[Suite, Path]:
+    folder = Path(temp_dir(test))
+    Maildir(folder / "mail" / "alice").deliver(io.BytesIO(BIG_MESSAGE))
+    Maildir(folder / "mail" / "alice").deliver(io.BytesIO(b"Subject: small\n\nhi\n"))
+    ports = ["--port", "0", "--chat-port", "0", "--udp-port", "0", "--http-port", "0", "--pop3-port", "0"]
+    suite = Suite([*ports, "--maildir", str(folder / "mail"), *extra], cwd=str(folder)).start()
+    test.addCleanup(suite.stop)
+    return suite, folder
+
+
+def pop3_retr_started(test: SynchronousTestCase, suite: Suite) -> tuple[socket.socket, bytes, int]:
+    """A POP3 session with a DELE mark whose RETR of the big message is
+    streaming: its first bytes are in. Returns the big message's size too."""
+    sock = suite.connect("pop3")
+    test.addCleanup(sock.close)
+    recv_until(sock, lambda d: d.endswith(b"\r\n"))
+    sock.sendall(b"USER alice\r\nPASS any\r\nLIST\r\n")
+    answers = recv_until(sock, lambda d: d.endswith(b"\r\n.\r\n"))
+    sizes = {int(size): number for number, size in (line.split() for line in answers.split(b"\r\n")[3:-2])}
+    big, small = max(sizes), min(sizes)
+    sock.sendall(b"DELE %s\r\nRETR %s\r\n" % (sizes[small], sizes[big]))
+    first = recv_until(sock, lambda d: len(d) > 64 * 1024)
+    return sock, first.split(b"\r\n", 2)[2], big  # after +OK to DELE and to RETR
+
+
+class GracefulStopTests(SynchronousTestCase):
+    def test_sigterm_finishes_work_in_progress_then_exits_0(self) -> None:
+        suite, folder = start_everything(self)
+        chat = suite.connect("chat")
+        self.addCleanup(chat.close)
+        recv_until(chat, lambda d: d.endswith(b"\n"))  # the welcome
+        strip = suite.connect("strip")
+        self.addCleanup(strip.close)
+        # An answer that takes 2 s: wait until the server has taken the request
+        # (its request counter, read through /status, counts it).
+        delayed = suite.connect("http")
+        self.addCleanup(delayed.close)
+        delayed.sendall(b"GET /delay/2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        polls = iter(range(1, 10**6))
+        wait_for(
+            lambda: (
+                json.loads(body_of(http_get(suite, "/status"))[1])["services"]["http"]["requests"]
+                > next(polls)
+            ),
+            what="the /delay request taken",
+        )
+        # A download the client reads slowly: 64 KiB now, the rest after SIGTERM.
+        download = suite.connect("http")
+        self.addCleanup(download.close)
+        download.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: x\r\n\r\n" % DOWNLOAD)
+        download_start = recv_until(download, lambda d: len(d) > 64 * 1024)
+        retr, retr_start, size = pop3_retr_started(self, suite)
+
+        started = time.monotonic()
+        suite.process.send_signal(15)
+        suite.wait_log("http: closing ")  # the port is closed before the connections are told
+        for service in ("strip", "chat", "http", "pop3"):
+            with self.assertRaises(ConnectionRefusedError, msg=service):
+                socket.create_connection(suite.address(service), timeout=5).close()
+
+        self.assertEqual(recv_all(chat), b"*** server shutting down\r\n")
+        self.assertEqual(recv_all(strip), b"")
+        head, body = body_of(recv_all(delayed))
+        self.assertIn(b"HTTP/1.1 200 ", head)
+        self.assertIn(b"\r\nConnection: close", head)
+        self.assertEqual(json.loads(body)["path"], "/delay/2")
+        head, body = body_of(download_start + recv_all(download))
+        self.assertIn(b"HTTP/1.1 200 ", head)
+        self.assertEqual(len(body), DOWNLOAD)
+        rest = recv_all(retr)
+        self.assertTrue(rest.endswith(b"\r\n.\r\n-ERR [SYS/TEMP] server shutting down\r\n"), rest[-200:])
+        message = (retr_start + rest).rsplit(b"\r\n.\r\n", 1)[0] + b"\r\n"
+        self.assertEqual(len(message.replace(b"\r\n..", b"\r\n.")), size)
+
+        self.assertEqual(suite.stop(), 0)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertFalse(suite.saw("Traceback"), suite.output)
+        self.assertFalse(suite.saw("cutting them"), suite.output)
+        for service in ("strip", "chat", "udp", "http", "pop3"):
+            self.assertTrue(suite.saw(f"{service} stopped"), service)
+        # The session ended without QUIT: its DELE was not applied.
+        self.assertEqual(len(list((folder / "mail" / "alice" / "new").iterdir())), 2)
+
+    def test_the_grace_bounds_the_stop(self) -> None:
+        """Clients that never read cannot hold the stop up past --shutdown-grace."""
+        suite, _ = start_everything(self, "--shutdown-grace", "1")
+        download = suite.connect("http")
+        self.addCleanup(download.close)
+        download.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: x\r\n\r\n" % DOWNLOAD)
+        recv_until(download, lambda d: len(d) > 1024)
+        pop3_retr_started(self, suite)
+        started = time.monotonic()
+        self.assertEqual(suite.stop(), 0)
+        self.assertLess(time.monotonic() - started, 8)
+        self.assertTrue(suite.saw("http: 1 connection(s) still open after 1 s; cutting them"), suite.output)
+        self.assertTrue(suite.saw("pop3: 1 connection(s) still open after 1 s; cutting them"), suite.output)
+        self.assertFalse(suite.saw("Traceback"), suite.output)
