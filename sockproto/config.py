@@ -108,6 +108,12 @@ class HttpSettings:
     root: str = option("", checks.optional_folder, "Folder served under /files/ (none: /files/ is off).")
     listing: bool = option(False, checks.flag, "List folders under /files/.", flag=True)
     access_log: str = option("", checks.optional_path, "Access log file (none: the twistd log).")
+    log_rate: tuple[float, float] = option(
+        (50.0, 100.0),
+        checks.rate,
+        "Requests logged one line each per second in the twistd log, RATE[/BURST]; the rest are summed "
+        "up (0: all; --http-access-log FILE gets every line).",
+    )
     max_clients: int = option(1000, checks.count, "Most HTTP connections at once (0: no cap).")
     idle_timeout: float = option(
         60.0,
