@@ -43,6 +43,11 @@ class SuiteSettings:
     )
     tls_cert: str = option("", checks.optional_path, "PEM certificate for TLS (POP3 STLS).")
     tls_key: str = option("", checks.optional_path, "PEM private key for TLS (POP3 STLS).")
+    workers: int = option(
+        1,
+        checks.workers,
+        "Processes serving strip and HTTP: the main one and N-1 workers sharing its listening sockets.",
+    )
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,21 @@ def load(explicit: str | None = None, overrides: RawValues | None = None) -> tup
     values = read_toml(path) if path else {}
     values.update(overrides or {})
     return build(values), path
+
+
+def as_data(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Checked settings as plain data (JSON), for a worker process."""
+    return dataclasses.asdict(settings)
+
+
+def from_data(data: dict[str, dict[str, Any]]) -> Settings:
+    """The inverse of :func:`as_data` (the values were checked already)."""
+    sections = {}
+    for name, values in data.items():
+        kind = _section_type(name)
+        tuples = {item.name for item in dataclasses.fields(kind) if isinstance(item.default, tuple)}
+        sections[name] = kind(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
+    return Settings(**sections)
 
 
 def _toml_value(value: Any) -> str:

@@ -440,7 +440,7 @@ class StatsCollector(Collector):
         events = CounterMetricFamily(
             "sockproto_events", "Service-specific counters.", labels=["service", "event"]
         )
-        for name, service in stats.services.items():
+        for name, service in stats.combined().items():
             for address in service.listening:
                 listening.add_metric([name, address], 1)
             current.add_metric([name], service.current)

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
-from sockproto import __version__, http, pop3, strip, udp
+from sockproto import __version__, http, pop3, strip, udp, workers
 from sockproto.config import SERVICES, Settings
 from sockproto.listening import Listener, StartupError
 from sockproto.stats import Stats
@@ -32,6 +33,7 @@ class Suite(MultiService):
         self.settings = settings
         self.stats = stats
         self.config_path = config_path
+        self.pool: workers.WorkerPool | None = None
 
     def privilegedStartService(self) -> None:
         source = self.config_path or "defaults"
@@ -56,8 +58,10 @@ class Suite(MultiService):
 
     def _ready(self) -> None:
         self._stop_cleanly_on_sigterm()
-        names = ", ".join(child.name for child in self) or "nothing (every service is off)"
-        log.info("sockproto ready: {services}", services=names)
+        names = ", ".join(child.name for child in self if isinstance(child, Listener))
+        names = names or "nothing (every service is off)"
+        started = self.pool.ready if self.pool is not None else succeed(None)
+        started.addCallback(lambda _: log.info("sockproto ready: {services}", services=names))
 
     def _stop_cleanly_on_sigterm(self) -> None:
         """SIGTERM is how systemd and ``kill`` ask for a normal stop: shut down
@@ -83,6 +87,10 @@ def make_service(settings: Settings, reactor: Any = None, config_path: Path | No
             listener = builder(settings, suite.stats, reactor)
             if listener is not None:
                 listener.setServiceParent(suite)
+    if settings.suite.workers > 1:
+        shared = {child.name: child for child in suite if child.name in workers.SHARED}
+        suite.pool = workers.WorkerPool(settings, suite.stats, shared, reactor)
+        suite.pool.setServiceParent(suite)
     return suite
 
 
