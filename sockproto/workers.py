@@ -68,6 +68,21 @@ MESSAGES_FD = 3  # a worker's descriptor for its messages to the main process
 FIRST_SOCKET_FD = 4  # a worker's inherited listening sockets start here
 
 
+def accept_one_at_a_time(port: Any) -> None:
+    """A shared listening port accepts one connection per turn of the reactor
+    loop. Twisted's port accepts as many as are waiting (up to a number it
+    raises while they keep coming), so whichever process woke first would take
+    a whole burst of new connections; one at a time, each process takes its
+    turn (nginx's workers accept one at a time too, unless ``multi_accept``)."""
+    accept = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = 1
+        return accept()
+
+    port.doRead = doRead
+
+
 def worker_environment() -> dict[str, str]:
     """This environment, and sockproto importable from a source checkout (an
     installed package needs nothing: its folder is on the default path)."""
@@ -120,6 +135,7 @@ class WorkerPool(Service):
                 )
             else:
                 self.shared.append((name, *inherited))
+                accept_one_at_a_time(listener.port)
         if not self.shared:
             log.warn(
                 "--workers {count}: nothing to share (strip and HTTP are off or not plain TCP): one process",
@@ -462,6 +478,7 @@ class Worker(LineReceiver):
             listener.setServiceParent(self.services)
             listener.privilegedStartService()
             os.close(fd)  # adopting made its own copy
+            accept_one_at_a_time(listener.port)
             site = listener.factory.wrappedFactory
             if hasattr(site, "logFile"):  # a twisted.web Site: its access log is the main process's
                 site.logFile = RelayedLines(self, name)

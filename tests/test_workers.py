@@ -110,6 +110,7 @@ class FakeListener:
         self.name = name
         self.where = f"tcp:{fd}"
         self.fd = fd
+        self.port = type("Port", (), {"doRead": lambda self: None})()
         self.factory = type("Guard", (), {"wrappedFactory": type("Site", (), {"logFile": log_file})()})()
 
     def shared_socket(self) -> tuple[int, int]:
@@ -257,6 +258,23 @@ class PoolTests(SynchronousTestCase):
         self.worker(3).processEnded(ended(sig=9))
         self.successResultOf(stopped)
         self.assertEqual(len(self.reactor.spawned), 2)  # nothing started again
+
+
+class AcceptTests(SynchronousTestCase):
+    def test_a_shared_port_accepts_one_connection_a_turn(self) -> None:
+        class Port:
+            numberAccepts = 100
+            seen: list[int] = []
+
+            def doRead(self) -> None:
+                self.seen.append(self.numberAccepts)
+                self.numberAccepts += 20  # what Twisted does after a full batch
+
+        port = Port()
+        workers.accept_one_at_a_time(port)
+        port.doRead()
+        port.doRead()
+        self.assertEqual(port.seen, [1, 1])
 
 
 class WorkerSideTests(SynchronousTestCase):
