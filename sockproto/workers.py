@@ -42,7 +42,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel, formatEvent
@@ -245,7 +245,10 @@ class WorkerPool(Service):
             if worker.counts:
                 everyone[worker.name] = worker.counts
         for worker in self.workers.values():
-            if worker.ready and not worker.gone:
+            # A worker that said nothing since the last view (stopped, hung)
+            # gets no more: what waits in its pipe stays one view.
+            if worker.ready and worker.heard and not worker.gone:
+                worker.heard = False
                 others = {name: counts for name, counts in everyone.items() if name != worker.name}
                 worker.send(
                     {
@@ -264,7 +267,7 @@ class WorkerPool(Service):
 
     def _update_processes(self) -> None:
         def served(counts: dict[str, Any]) -> dict[str, int]:
-            return {name: counts[name]["total"] for name, _, _ in self.shared if name in counts}
+            return {name: counts[name].get("total", 0) for name, _, _ in self.shared if name in counts}
 
         self.stats.processes = [
             {"name": "main", "pid": os.getpid(), "connections": served(self.stats.local_counts())},
@@ -341,6 +344,7 @@ class WorkerProcess(ProcessProtocol):
         self.name = f"worker {slot}"
         self.pid: int | None = None
         self.ready = False
+        self.heard = True  # a message came since the last view of the others was sent
         self.gone = False
         self.counts: dict[str, Any] = {}
         self.started = pool.reactor.seconds()
@@ -358,11 +362,14 @@ class WorkerProcess(ProcessProtocol):
     def childDataReceived(self, fd: int, data: bytes) -> None:
         for line in self._lines(fd, data):
             if fd == MESSAGES_FD:
+                self.heard = True
                 try:
                     message = json.loads(line)
-                    self.pool.message(self, message)
-                except (ValueError, TypeError, KeyError, AttributeError) as error:
+                except ValueError as error:
                     log.warn("{worker}: unreadable message ({error})", worker=self.name, error=str(error))
+                    continue
+                with log.failuresHandled("{worker}: while handling a message", worker=self.name):
+                    self.pool.message(self, message)
             elif line.strip():
                 stream = "stdout" if fd == 1 else "stderr"
                 text = line.decode("utf-8", "replace").rstrip()
@@ -400,6 +407,23 @@ class WorkerProcess(ProcessProtocol):
 # -- the worker process's side ------------------------------------------------------
 
 
+@implementer(IPushProducer)
+class Backlog:
+    """Told by the pipe to the main process when it is full (the main process
+    is not reading: stopped, or busy); meanwhile log lines are counted, not kept."""
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
 class RelayedLines:
     """A twisted.web Site's ``logFile`` in a worker: its lines go to the main process."""
 
@@ -434,6 +458,11 @@ class Worker(LineReceiver):
         self._main_gone = False
         self._stopping: Deferred[None] | None = None
         self._flushed: Deferred[None] = Deferred()
+        self._backlog = Backlog()
+        self._dropped = 0  # log and access lines not sent while the pipe was full
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self._backlog, True)
 
     # -- from the main process ----------------------------------------------------
 
@@ -518,6 +547,13 @@ class Worker(LineReceiver):
         self._queue("access", (service, line))
 
     def _queue(self, kind: str, item: Any) -> None:
+        if self._backlog.paused:
+            self._dropped += 1
+            return
+        if self._dropped:
+            dropped, self._dropped = self._dropped, 0
+            note = f"{dropped} log lines dropped while the main process was not reading"
+            self._queue("log", ["warn", note])
         last = self._outbox[-1] if self._outbox else None
         if kind == "access":
             service, line = item
@@ -534,7 +570,8 @@ class Worker(LineReceiver):
             self._flush_call = self.reactor.callLater(FLUSH_DELAY, self._flush)
 
     def _report(self) -> None:
-        self._send({"counts": self.stats.local_counts()})
+        if not self._backlog.paused:  # counts are totals: the next report will do
+            self._send({"counts": self.stats.local_counts()})
 
     def _send(self, message: dict[str, Any]) -> None:
         self._outbox.append(message)

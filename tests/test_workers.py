@@ -205,10 +205,21 @@ class PoolTests(SynchronousTestCase):
         self.stats.service("strip", "lines").handled = 5
         self.say(2, {"ready": {}}, {"counts": {"strip": {"handled": 2}}})
         self.say(3, {"ready": {}}, {"counts": {"strip": {"handled": 3}}})
+        self.say(2, {"counts": {"strip": {"handled": 2}}})
         self.reactor.advance(workers.REPORT_INTERVAL)
         others = self.reactor.spawned[0][2].messages()[-1]["others"]["counts"]
         self.assertEqual(set(others), {"main", "worker 3"})
         self.assertEqual(others["main"]["strip"]["handled"], 5)
+
+    def test_a_silent_worker_gets_no_more_views(self) -> None:
+        self.say(2, {"ready": {}})  # and then nothing (stopped, hung): its pipe must not fill up
+        process = self.reactor.spawned[0][2]
+        sent = len(process.written)
+        self.reactor.advance(workers.REPORT_INTERVAL * 10)
+        self.assertEqual(len(process.written), sent)
+        self.say(2, {"counts": {}})
+        self.reactor.advance(workers.REPORT_INTERVAL)
+        self.assertEqual(len(process.written), sent + 1)
 
     def test_exited_worker_started_again_with_a_growing_pause(self) -> None:
         self.say(2, {"counts": {"strip": {"unit": "lines", "current": 2, "total": 6, "handled": 9}}})
@@ -304,6 +315,24 @@ class WorkerSideTests(SynchronousTestCase):
         self.assertEqual(
             self.messages(),
             [{"log": [["info", "a 1"], ["error", "bad"]]}, {"access": {"http": ["GET /\n", "GET /x\n"]}}],
+        )
+
+    def test_lines_counted_not_kept_while_the_main_process_does_not_read(self) -> None:
+        self.worker._backlog.pauseProducing()
+        for _ in range(1000):
+            self.worker.relay_access("http", "GET /\n")
+        self.worker._report()
+        self.clock.advance(workers.FLUSH_DELAY)
+        self.assertEqual(self.sent, [])
+        self.worker._backlog.resumeProducing()
+        self.worker.relay_access("http", "GET /y\n")
+        self.clock.advance(workers.FLUSH_DELAY)
+        self.assertEqual(
+            self.messages(),
+            [
+                {"log": [["warn", "1000 log lines dropped while the main process was not reading"]]},
+                {"access": {"http": ["GET /y\n"]}},
+            ],
         )
 
     def test_others_counts_shown_in_status(self) -> None:
