@@ -635,13 +635,21 @@ class TwistdAccessLog:
         self._call: Any = None
 
     def write(self, line: str) -> None:
+        if self.admit():
+            self.emit(line)
+
+    def admit(self) -> bool:
+        """Whether the next line gets logged; if not, it is counted for the summary."""
         if self.budget is None or self.budget.take():
-            log.info("http: {access}", access=line.rstrip("\n"))
-            return
+            return True
         self.unlogged += 1
         if self._call is None:
             self._opened = self.clock.seconds()
             self._call = self.clock.callLater(self.interval, self._sum_up)
+        return False
+
+    def emit(self, line: str) -> None:
+        log.info("http: {access}", access=line.rstrip("\n"))
 
     def _sum_up(self) -> None:
         self._call = None
@@ -712,6 +720,13 @@ class ResponderSite(server.Site):
 
     def log(self, request: Any) -> None:
         self.service_stats.counters[f"responses_{request.code // 100}xx"] += 1
+        access = self._logFile
+        if isinstance(access, TwistdAccessLog):
+            # Formatting a line costs about as much as a small answer: only
+            # for the lines that will be logged.
+            if access.admit():
+                access.emit(self._logFormatter(self._logDateTime, request))
+            return
         super().log(request)
 
 

@@ -463,6 +463,19 @@ class AccessLogTests(SynchronousTestCase):
         self.assertEqual(len(messages(events)), 1)
         self.assertIn("GET /ip", messages(events)[0])
 
+    def test_lines_beyond_the_budget_are_not_even_formatted(self) -> None:
+        harness = Harness(self, log_rate=(1.0, 2.0))
+        harness.site.doStart()
+        self.addCleanup(harness.site.doStop)
+        formatted = []
+        formatter = harness.site._logFormatter
+        harness.site._logFormatter = lambda *args: formatted.append(1) or formatter(*args)
+        with capturedLogs():
+            connection = harness.connect()
+            for _ in range(10):
+                connection.request("/")
+        self.assertEqual(len(formatted), 2)
+
     def test_rate_zero_logs_every_request(self) -> None:
         harness = Harness(self, log_rate=(0.0, 0.0))
         harness.site.doStart()
