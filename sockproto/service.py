@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 
 from sockproto import __version__, http, pop3, strip, udp, workers
@@ -62,6 +62,15 @@ class Suite(MultiService):
         names = names or "nothing (every service is off)"
         started = self.pool.ready if self.pool is not None else succeed(None)
         started.addCallback(lambda _: log.info("sockproto ready: {services}", services=names))
+
+    def stopService(self) -> Deferred[Any]:
+        """With workers, they stop first: what they send last (counts, log and
+        access log lines) still finds the main process's services and files open."""
+        if self.pool is None or not self.pool.running:
+            return super().stopService()
+        stopped = maybeDeferred(self.pool.stopService)
+        stopped.addBoth(lambda _: MultiService.stopService(self))
+        return stopped
 
     def _stop_cleanly_on_sigterm(self) -> None:
         """SIGTERM is how systemd and ``kill`` ask for a normal stop: shut down

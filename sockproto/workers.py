@@ -15,8 +15,10 @@ A worker talks to the main process over pipes, one JSON object a line:
   that the worker's /status and /metrics show the whole suite.
 - worker -> main, on the worker's descriptor 3: ``{"ready": ...}``,
   ``{"counts": ...}`` every :data:`REPORT_INTERVAL`, and batches of its log
-  events (``{"log": ...}``) and access log lines (``{"access": ...}``): the
-  main process writes every log, with its budgets and its rotation.
+  events (``{"log": ...}``) and, with ``--http-access-log FILE``, of its
+  access log lines (``{"access": ...}``): the main process writes every log
+  (and rotates the file). Into the twistd log, each process logs requests
+  within its own ``--http-log-rate``, as it applies its own caps.
 
 Whatever a worker prints on stdout or stderr is logged by the main process as
 a warning, a line at a time.
@@ -179,6 +181,8 @@ class WorkerPool(Service):
                     "settings": config.as_data(worker_settings(self.settings)),
                     "services": services,
                     "report_interval": REPORT_INTERVAL,
+                    # An access log file is the main process's to write, every line of it.
+                    "relay_access_log": bool(self.settings.http.access_log),
                 }
             }
         )
@@ -509,7 +513,7 @@ class Worker(LineReceiver):
             os.close(fd)  # adopting made its own copy
             accept_one_at_a_time(listener.port)
             site = listener.factory.wrappedFactory
-            if hasattr(site, "logFile"):  # a twisted.web Site: its access log is the main process's
+            if start["relay_access_log"] and hasattr(site, "logFile"):  # a twisted.web Site
                 site.logFile = RelayedLines(self, name)
             self.serving.append(name)
         self.services.startService()

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import checks, config, workers
 from sockproto.stats import Stats
-from tests.support import ALL_OFF, Suite, recv_until, wait_for
+from tests.support import ALL_OFF, Suite, recv_until, temp_dir, wait_for
 
 
 class CountsTests(SynchronousTestCase):
@@ -155,6 +155,7 @@ class PoolTests(SynchronousTestCase):
         self.assertEqual(child_fds, {0: "w", 1: "r", 2: "r", 3: "r", 4: 7, 5: 8})
         (start,) = process.messages()
         self.assertEqual(start["start"]["slot"], 2)
+        self.assertFalse(start["start"]["relay_access_log"])  # each process logs within its budget
         self.assertEqual(
             start["start"]["services"],
             [
@@ -443,3 +444,27 @@ class WorkersEndToEndTests(SynchronousTestCase):
     def test_worker_leaves_when_the_main_process_dies(self) -> None:
         os.kill(self.main, signal.SIGKILL)
         wait_for(lambda: not alive(self.worker), what="the worker to notice")
+
+
+class WorkersAccessLogTests(SynchronousTestCase):
+    def test_requests_a_worker_served_are_in_the_main_process_access_log(self) -> None:
+        folder = temp_dir(self)
+        access_log = os.path.join(folder, "access.log")
+        suite = Suite([*ALL_OFF, "--http-port", "0", "--workers", "2", "--http-access-log", access_log])
+        suite.start()
+        self.addCleanup(suite.stop)
+        suite.wait_log("workers: 2 of 2 processes serve http")
+        assert suite.process is not None
+        os.kill(suite.process.pid, signal.SIGSTOP)
+        try:
+            self.assertEqual(fetch(suite.address("http"), "/ip")[0], 200)  # the worker answers
+        finally:
+            os.kill(suite.process.pid, signal.SIGCONT)
+
+        def logged() -> bool:
+            with open(access_log) as file:
+                return '"GET /ip HTTP/1.1" 200' in file.read()
+
+        # The main process writes the line (its file buffer flushes when it stops).
+        self.assertEqual(suite.stop(), 0)
+        self.assertTrue(logged())
