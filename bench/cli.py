@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-SERVICES = ("strip", "udp", "http", "chat", "pop3", "memory")
+SERVICES = ("strip", "udp", "http", "chat", "pop3", "memory", "workers")
 RESULTS = Path(__file__).resolve().parent / "results"
 RAW_NAME = "latest.raw.json"
 DEFAULT_DURATION, DEFAULT_ROUNDS = 2.0, 3
@@ -33,6 +33,7 @@ COSTS = {
     "chat": (6 * 2, 0.7, 5.0),
     "pop3": (2 * 2, 0.5, 5.0),
     "memory": (7, 1.5, 3.0),
+    "workers": (3 * 2, 0.1, 8.0),  # 2 strip cases and 1 http case, 2 suites each
 }
 # Seconds 1000 clients take to join, per round: ncat --chat (its announcements
 # grow with the square of the room) plus sockproto.

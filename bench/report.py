@@ -14,6 +14,8 @@ from bench.stats import OURS, Figure, Summary, figure_table, find, ratio
 
 # The peer whose figures show how fast the load generator can go.
 C_REFERENCE = "C server (generator check)"
+# The suite in one process, against which --workers 2 is measured.
+ONE_PROCESS = "sockproto --workers 1"
 # The metric of each service that the chart shows and the generator check uses.
 MAIN_METRIC = {
     "strip": "round trips/s",
@@ -22,6 +24,7 @@ MAIN_METRIC = {
     "chat": "deliveries/s",
     "pop3": "time",
     "memory": "RSS per idle connection",
+    "workers": "throughput",
 }
 SERVICE_TITLES = {
     "strip": "strip: line round trips",
@@ -30,6 +33,7 @@ SERVICE_TITLES = {
     "chat": "chat: one room",
     "pop3": "pop3: one mailbox on the same Maildir",
     "memory": "memory: idle connections",
+    "workers": "workers: 2 processes against 1 (`--workers 2`)",
 }
 
 
@@ -178,6 +182,10 @@ TARGETS = (
     Target(
         "http `/` at least as fast as the minimal twisted.web peer (>= 1.0x)",
         _worst_ratio("http", "requests/s", "twisted.web Site", 1.0, cases=("/",)),
+    ),
+    Target(
+        "strip and HTTP faster with `--workers 2` than with one process on this 2-core machine (> 1.0x)",
+        _worst_ratio("workers", "throughput", ONE_PROCESS, 1.0 + 1e-9),
     ),
     Target(
         "POP3 login+LIST of 1000 messages within 2x of Dovecot (>= 0.5x)",

@@ -40,6 +40,17 @@ def positive(value: Any) -> int:
     return number
 
 
+MAX_WORKERS = 64
+
+
+def workers(value: Any) -> int:
+    """How many processes serve: 1 to :data:`MAX_WORKERS` (a typo must not fork hundreds)."""
+    number = positive(value)
+    if number > MAX_WORKERS:
+        raise ValueError(f"must be at most {MAX_WORKERS}, got {number}")
+    return number
+
+
 def seconds(value: Any) -> float:
     """A duration in seconds >= 0 (0 usually means 'never')."""
     if isinstance(value, bool):

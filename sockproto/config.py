@@ -49,6 +49,11 @@ class SuiteSettings:
         "At a stop (SIGTERM), seconds the connections get to finish the work in progress "
         "(an HTTP response, a POP3 RETR) before they are cut (0: cut at once).",
     )
+    workers: int = option(
+        1,
+        checks.workers,
+        "Processes serving strip and HTTP: the main one and N-1 workers sharing its listening sockets.",
+    )
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,12 @@ class HttpSettings:
     root: str = option("", checks.optional_folder, "Folder served under /files/ (none: /files/ is off).")
     listing: bool = option(False, checks.flag, "List folders under /files/.", flag=True)
     access_log: str = option("", checks.optional_path, "Access log file (none: the twistd log).")
+    log_rate: tuple[float, float] = option(
+        (50.0, 100.0),
+        checks.rate,
+        "Requests logged one line each per second in the twistd log, RATE[/BURST]; the rest are summed "
+        "up (0: all; --http-access-log FILE gets every line).",
+    )
     max_clients: int = option(1000, checks.count, "Most HTTP connections at once (0: no cap).")
     idle_timeout: float = option(
         60.0,
@@ -296,6 +307,21 @@ def load(explicit: str | None = None, overrides: RawValues | None = None) -> tup
     values = read_toml(path) if path else {}
     values.update(overrides or {})
     return build(values), path
+
+
+def as_data(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Checked settings as plain data (JSON), for a worker process."""
+    return dataclasses.asdict(settings)
+
+
+def from_data(data: dict[str, dict[str, Any]]) -> Settings:
+    """The inverse of :func:`as_data` (the values were checked already)."""
+    sections = {}
+    for name, values in data.items():
+        kind = _section_type(name)
+        tuples = {item.name for item in dataclasses.fields(kind) if isinstance(item.default, tuple)}
+        sections[name] = kind(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
+    return Settings(**sections)
 
 
 def _toml_value(value: Any) -> str:

@@ -46,7 +46,7 @@ from zope.interface import implementer
 from sockproto import __version__
 from sockproto.config import HttpSettings, Settings
 from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, SafeFile, method_not_allowed
-from sockproto.limits import ConnectionPolicy, peer_of
+from sockproto.limits import ConnectionPolicy, TokenBucket, peer_of
 from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.stats import ServiceStats, Stats
 from sockproto.text import loggable
@@ -59,6 +59,8 @@ CHUNK = 64 * 1024
 # The access log file rotates (twisted.python.logfile) so it cannot fill a disk.
 ACCESS_LOG_ROTATE = 10 * 1000 * 1000
 ACCESS_LOG_KEEP = 9
+# Seconds between the lines that sum up requests not logged one by one (as UDP).
+SUMMARY_INTERVAL = 10.0
 ROUTES = "/ /files/ /status /metrics /anything /status/CODE /delay/SECONDS /bytes/N /headers /ip"
 ANY_METHOD = None
 
@@ -465,7 +467,7 @@ class StatsCollector(Collector):
         events = CounterMetricFamily(
             "sockproto_events", "Service-specific counters.", labels=["service", "event"]
         )
-        for name, service in stats.services.items():
+        for name, service in stats.combined().items():
             for address in service.listening:
                 listening.add_metric([name, address], 1)
             current.add_metric([name], service.current)
@@ -662,13 +664,56 @@ class ResponderRequest(server.Request):
 
 
 class TwistdAccessLog:
-    """Access log lines into the twistd log, through twisted.logger."""
+    """Access log lines into the twistd log, one event each, within a budget.
+
+    A line through twisted.logger's text observer costs more than answering a
+    small request, and a busy server would drown the log the operator reads:
+    lines beyond ``budget`` are counted and summed up in one line per
+    ``interval`` (as the UDP service does with datagrams). ``--http-access-log
+    FILE`` gets every line.
+    """
+
+    def __init__(self, budget: TokenBucket | None, clock: Any, interval: float = SUMMARY_INTERVAL) -> None:
+        self.budget = budget
+        self.clock = clock
+        self.interval = interval
+        self.unlogged = 0
+        self._opened = 0.0
+        self._call: Any = None
 
     def write(self, line: str) -> None:
+        if self.admit():
+            self.emit(line)
+
+    def admit(self) -> bool:
+        """Whether the next line gets logged; if not, it is counted for the summary."""
+        if self.budget is None or self.budget.take():
+            return True
+        self.unlogged += 1
+        if self._call is None:
+            self._opened = self.clock.seconds()
+            self._call = self.clock.callLater(self.interval, self._sum_up)
+        return False
+
+    def emit(self, line: str) -> None:
         log.info("http: {access}", access=line.rstrip("\n"))
 
+    def _sum_up(self) -> None:
+        self._call = None
+        if self.unlogged:
+            log.info(
+                "http: {count} more requests in the last {seconds:.3g} s, not logged one by one"
+                " (--http-log-rate)",
+                count=self.unlogged,
+                seconds=self.clock.seconds() - self._opened,
+            )
+            self.unlogged = 0
+
     def close(self) -> None:
-        """Nothing to close: the twistd log is not ours."""
+        """The site stops: sum up now."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._sum_up()
 
 
 class ResponderSite(server.Site):
@@ -683,6 +728,7 @@ class ResponderSite(server.Site):
         max_body: int,
         idle_timeout: float,
         access_log: str = "",
+        log_rate: tuple[float, float] = (0.0, 0.0),
         reactor: Any = None,
     ) -> None:
         super().__init__(
@@ -695,6 +741,7 @@ class ResponderSite(server.Site):
         self.service_stats = service_stats
         self.max_body = max_body
         self.idle_timeout = idle_timeout
+        self.log_rate = log_rate
 
     def acceptableProtocols(self) -> list[bytes]:
         """Only HTTP/1.1 over TLS too: the channel above is not twisted.web's HTTP/2 one."""
@@ -703,7 +750,9 @@ class ResponderSite(server.Site):
     def startFactory(self) -> None:
         super().startFactory()
         if not self.logPath:
-            self.logFile = TwistdAccessLog()
+            rate, burst = self.log_rate
+            budget = TokenBucket(rate, burst, self.reactor.seconds) if rate else None
+            self.logFile = TwistdAccessLog(budget, self.reactor)
 
     def _openLogFile(self, path: str) -> Any:
         try:
@@ -718,6 +767,13 @@ class ResponderSite(server.Site):
 
     def log(self, request: Any) -> None:
         self.service_stats.counters[f"responses_{request.code // 100}xx"] += 1
+        access = self._logFile
+        if isinstance(access, TwistdAccessLog):
+            # Formatting a line costs about as much as a small answer: only
+            # for the lines that will be logged.
+            if access.admit():
+                access.emit(self._logFormatter(self._logDateTime, request))
+            return
         super().log(request)
 
 
@@ -730,6 +786,7 @@ def build_site(
         max_body=settings.max_body,
         idle_timeout=settings.idle_timeout,
         access_log=settings.access_log,
+        log_rate=settings.log_rate,
         reactor=reactor,
     )
 

@@ -19,12 +19,13 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import ProtocolWrapper, TimeoutMixin, WrappingFactory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, implementer, providedBy
 
 from sockproto.stats import ServiceStats
@@ -38,6 +39,10 @@ CLOSE_GRACE = 15.0
 # How long a stopping service lets its connections finish the work in
 # progress and take their last words before it cuts them (--shutdown-grace).
 SHUTDOWN_GRACE = 10.0
+
+# Most bytes held back to be sent in one go after a read (see GuardedProtocol);
+# a transport pauses its producer only beyond its buffer size, 64 KiB too.
+HOLD_LIMIT = 64 * 1024
 
 
 def peer_of(transport: Any) -> str:
@@ -93,11 +98,34 @@ class OverflowProtocol(Protocol):
         _cancel(self._abort_call)
 
 
-class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
-    """The per-connection half of :class:`GuardedFactory`."""
+class GuardedProtocol(ProtocolWrapper):
+    """The per-connection half of :class:`GuardedFactory`.
+
+    Two things here are about speed, because every TCP service reads and writes
+    through this wrapper:
+
+    - The idle timer is lazy: a read only notes the time, and one timer checks
+      it when it comes due (resetting a DelayedCall on every chunk costs more
+      than the rest of a small read).
+    - What the wrapped protocol writes while it handles a read is sent at once
+      when the read is handled, in one send() if the socket takes it all: a
+      transport only buffers writes and sends them the next time round the
+      reactor loop, which costs a poll and two epoll_ctl calls per answer.
+    """
 
     factory: GuardedFactory
     _abort_call: Any = None
+    _idle_call: Any = None
+    _idle_timeout = 0.0
+    _last_read = 0.0
+    # Writes held while the wrapped protocol handles a read (None: not in one).
+    _held: list[bytes] | None = None
+    _held_size = 0
+    # The real transport, when it is a plain TCP connection that can be sent to
+    # directly (see _send).
+    _direct: Any = None
+    _host: Any = None
+    _peer: Any = None
     _producer: Any = None  # what the wrapped protocol registered on the transport
 
     def makeConnection(self, transport: Any) -> None:
@@ -108,34 +136,145 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
         self.transport = transport
         self.connected = 1
         factory = self.factory
-        self.callLater = factory.clock.callLater  # type: ignore[method-assign]
         self._stats = factory.stats
+        self._clock = factory.clock
+        self._direct = transport if _can_write_directly(transport) else None
         factory.registerProtocol(self)
         if factory.policy.idle_timeout:
-            self.setTimeout(factory.policy.idle_timeout)
+            self._idle_timeout = factory.policy.idle_timeout
+            self.resetTimeout()
+            self._idle_call = self._clock.callLater(self._idle_timeout, self._check_idle)
         self.wrappedProtocol.makeConnection(self)
 
     def dataReceived(self, data: bytes) -> None:
         self._stats.bytes_in += len(data)
-        if self.timeOut:
-            self.resetTimeout()
-        self.wrappedProtocol.dataReceived(data)
+        if self._idle_timeout:
+            self._last_read = self._clock.seconds()
+        if self._held is not None or self._direct is None:
+            self.wrappedProtocol.dataReceived(data)
+            return
+        self._held = held = []
+        self._held_size = 0
+        try:
+            self.wrappedProtocol.dataReceived(data)
+        finally:
+            self._held = None
+            if held:
+                self._send(held)
 
     def write(self, data: bytes) -> None:
         self._stats.bytes_out += len(data)
-        self.transport.write(data)
+        held = self._held
+        if held is None:
+            self.transport.write(data)
+        elif not isinstance(data, bytes):
+            raise TypeError(f"Data must be bytes, not {type(data).__name__}")
+        else:
+            held.append(data)
+            self._held_size += len(data)
+            if self._held_size > HOLD_LIMIT:
+                self._stop_holding()
 
     def writeSequence(self, data: Any) -> None:
         data = list(data)
         self._stats.bytes_out += sum(map(len, data))
-        self.transport.writeSequence(data)
+        held = self._held
+        if held is None:
+            self.transport.writeSequence(data)
+            return
+        for chunk in data:
+            if not isinstance(chunk, bytes):
+                raise TypeError(f"Data must be bytes, not {type(chunk).__name__}")
+            self._held_size += len(chunk)
+        held.extend(data)
+        if self._held_size > HOLD_LIMIT:
+            self._stop_holding()
+
+    def _stop_holding(self) -> None:
+        """A big answer: from here on the transport sees each write, so that its
+        flow control (pausing a producer) acts as it would without us."""
+        self._flush()
+        self._held = None
+
+    def _flush(self) -> None:
+        """Send what is held now: the transport is about to be used another way."""
+        held = self._held
+        if held:
+            chunks = held[:]
+            held.clear()
+            self._held_size = 0
+            self._send(chunks)
+
+    def _can_send_now(self) -> bool:
+        """Whether bytes may go straight to the socket: it is a plain TCP
+        connection with nothing buffered, and nothing else to say about it
+        (no TLS, no close or abort under way, no producer that waits for the
+        buffer to drain)."""
+        transport = self._direct
+        return (
+            transport is not None
+            and transport.connected
+            and not transport.dataBuffer
+            and not transport._tempDataBuffer
+            and not transport.TLS
+            and not transport.disconnecting
+            and not transport._aborting
+            and not transport._writeDisconnecting
+            and (transport.producer is None or transport.streamingProducer)
+        )
+
+    def _send(self, chunks: list[bytes]) -> None:
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self._can_send_now():
+            sent = self._direct.writeSomeData(data)  # type: ignore[union-attr]
+            if not isinstance(sent, int):  # the connection is lost: the transport will notice
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else asked of the transport (pauseProducing, startTLS,
+        # abortConnection, ...) comes after the writes held so far.
+        if self._held:
+            self._flush()
+        return getattr(self.transport, name)
+
+    def getHost(self) -> Any:
+        # Asked for each HTTP request; a connection's addresses do not change,
+        # and the host address costs a getsockname() call each time.
+        if self._host is None:
+            self._host = self.transport.getHost()
+        return self._host
+
+    def getPeer(self) -> Any:
+        if self._peer is None:
+            self._peer = self.transport.getPeer()
+        return self._peer
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._flush()
+        self._producer = producer
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._flush()
+        if self._producer is not None:
+            self._producer = None
+            self.transport.unregisterProducer()
+
+    def stopConsuming(self) -> None:
+        self._flush()
+        self.transport.stopConsuming()
 
     def loseConnection(self) -> None:
         if not self.disconnecting:
+            self._flush()
             self.disconnecting = 1
             # Closing: the close is bounded by close_gently, and an idle
             # timeout now would only log and count a second, false close.
-            self.setTimeout(None)
+            self._stop_idle_timer()
             if self._producer is self.wrappedProtocol:
                 # A protocol registered as its own producer produces nothing:
                 # it asks that reading pause while its output backs up. A
@@ -143,16 +282,7 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
                 # paused one it resumes it instead, and the close would wait
                 # for the abort (HTTPChannel unregisters itself for the same reason).
                 self.unregisterProducer()
-            close_gently(self.transport, self.factory.clock, self)
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self._producer = producer
-        self.transport.registerProducer(producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        if self._producer is not None:
-            self._producer = None
-            self.transport.unregisterProducer()
+            close_gently(self.transport, self._clock, self)
 
     def _close(self, farewell: bytes = b"") -> None:
         """A close the guard decides on (idle, shutdown): the protocol has had
@@ -200,6 +330,19 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
     def writeConnectionLost(self) -> None:
         self.wrappedProtocol.writeConnectionLost()
 
+    def resetTimeout(self) -> None:
+        """Activity: the idle timeout counts from now (reads do this themselves)."""
+        if self._idle_timeout:
+            self._last_read = self._clock.seconds()
+
+    def _check_idle(self) -> None:
+        left = self._last_read + self._idle_timeout - self._clock.seconds()
+        if left > 0:
+            self._idle_call = self._clock.callLater(left, self._check_idle)
+            return
+        self._idle_call = None
+        self.timeoutConnection()
+
     def timeoutConnection(self) -> None:
         self._stats.limit_hit("idle_timeout")
         log.info(
@@ -211,9 +354,13 @@ class GuardedProtocol(ProtocolWrapper, TimeoutMixin):
         goodbye = getattr(self.wrappedProtocol, "idle_timed_out", None)
         self._close(goodbye() if goodbye is not None else b"")
 
+    def _stop_idle_timer(self) -> None:
+        self._idle_timeout = 0.0
+        _cancel(self._idle_call)
+
     def connectionLost(self, reason: Any) -> None:
         self.connected = 0
-        self.setTimeout(None)
+        self._stop_idle_timer()
         _cancel(self._abort_call)
         super().connectionLost(reason)
 
@@ -308,6 +455,33 @@ class GuardedFactory(WrappingFactory):
             self._stopping = None
             _cancel(timer)
             done.callback(None)
+
+
+# What the direct send path (GuardedProtocol._can_send_now) reads of a TCP
+# transport: Twisted internals, so it is used only where all of them exist;
+# on another Twisted, or another transport, writes take the ordinary path.
+_DIRECT_ATTRIBUTES = (
+    "dataBuffer",
+    "_tempDataBuffer",
+    "TLS",
+    "disconnecting",
+    "_aborting",
+    "_writeDisconnecting",
+    "producer",
+    "streamingProducer",
+    "writeSomeData",
+)
+_direct_types: dict[type, bool] = {}
+
+
+def _can_write_directly(transport: Any) -> bool:
+    kind = type(transport)
+    known = _direct_types.get(kind)
+    if known is None:
+        known = _direct_types[kind] = isinstance(transport, tcp.Connection) and all(
+            hasattr(transport, name) for name in _DIRECT_ATTRIBUTES
+        )
+    return known
 
 
 def close_gently(transport: Any, clock: Any, owner: Any = None) -> None:

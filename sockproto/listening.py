@@ -43,13 +43,18 @@ class Listener(Service):
         stats: ServiceStats,
         on_stop: Callable[[float], Any] | None = None,
         prepare: Callable[[], None] | None = None,
+        *,
+        factory: Any = None,
+        announce: bool = True,
     ) -> None:
         self.name = name
         self.where = where
         self._listen = listen
         self._stats = stats
-        self._on_stop = on_stop
+        self._on_stop = on_stop  # after the port closes: let the open connections finish
         self._prepare = prepare
+        self.factory = factory  # a stream service's GuardedFactory
+        self.announce = announce  # log and count where it listens (a worker's copy does not)
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
@@ -59,9 +64,10 @@ class Listener(Service):
         if isinstance(outcome, Failure):
             raise StartupError(f"{self.name}: cannot listen on {self.where}: {_reason(outcome.value)}")
         self.port = outcome
-        address = describe(outcome.getHost())
-        self._stats.listening.append(address)
-        log.info("{service} listening on {address}", service=self.name, address=address)
+        if self.announce:
+            address = describe(outcome.getHost())
+            self._stats.listening.append(address)
+            log.info("{service} listening on {address}", service=self.name, address=address)
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -76,12 +82,38 @@ class Listener(Service):
         port, self.port = self.port, None
         if port is None:
             return None
-        self._stats.listening.clear()
         stopped = maybeDeferred(port.stopListening)
         if self._on_stop is not None:
             stopped.addCallback(lambda _: self._on_stop(self.shutdown_grace))
-        stopped.addCallback(lambda _: log.info("{service} stopped", service=self.name))
+        if self.announce:
+            self._stats.listening.clear()
+            stopped.addCallback(lambda _: log.info("{service} stopped", service=self.name))
         return stopped
+
+    def shared_socket(self) -> tuple[int, int] | None:
+        """``(fd, family)`` of the listening socket for a worker to adopt, or
+        None when it cannot be: not listening, or the port wraps our factory
+        in another (``ssl:`` endpoints do), which a worker would not know."""
+        port = self.port
+        sock = getattr(port, "socket", None)
+        if self.factory is None or sock is None or getattr(port, "factory", None) is not self.factory:
+            return None
+        return sock.fileno(), sock.family
+
+    def adopting(self, fd: int, family: int, reactor: Any) -> Listener:
+        """This service on a listening socket inherited from the main process."""
+        factory = self.factory
+        copy = Listener(
+            self.name,
+            self.where,
+            lambda: reactor.adoptStreamPort(fd, family, factory),
+            self._stats,
+            self._on_stop,
+            factory=factory,
+            announce=False,
+        )
+        copy.shutdown_grace = self.shutdown_grace
+        return copy
 
 
 def stream_listener(
@@ -103,7 +135,13 @@ def stream_listener(
     guarded = GuardedFactory(factory, policy, stats, reactor)
     endpoint = serverFromString(reactor, description)
     return Listener(
-        name, description, lambda: endpoint.listen(guarded), stats, guarded.server_stopping, prepare
+        name,
+        description,
+        lambda: endpoint.listen(guarded),
+        stats,
+        guarded.server_stopping,
+        prepare,
+        factory=guarded,
     )
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
-from sockproto import __version__, chat, http, pop3, strip, udp
+from sockproto import __version__, chat, http, pop3, strip, udp, workers
 from sockproto.config import SERVICES, Settings
 from sockproto.listening import Listener, StartupError
 from sockproto.stats import Stats
@@ -34,6 +35,7 @@ class Suite(MultiService):
         self.settings = settings
         self.stats = stats
         self.config_path = config_path
+        self.pool: workers.WorkerPool | None = None
 
     def privilegedStartService(self) -> None:
         source = self.config_path or "defaults"
@@ -67,8 +69,19 @@ class Suite(MultiService):
 
     def _ready(self) -> None:
         self._stop_cleanly_on_sigterm()
-        names = ", ".join(child.name for child in self) or "nothing (every service is off)"
-        log.info("sockproto ready: {services}", services=names)
+        names = ", ".join(child.name for child in self if isinstance(child, Listener))
+        names = names or "nothing (every service is off)"
+        started = self.pool.ready if self.pool is not None else succeed(None)
+        started.addCallback(lambda _: log.info("sockproto ready: {services}", services=names))
+
+    def stopService(self) -> Deferred[Any]:
+        """With workers, they stop first: what they send last (counts, log and
+        access log lines) still finds the main process's services and files open."""
+        if self.pool is None or not self.pool.running:
+            return super().stopService()
+        stopped = maybeDeferred(self.pool.stopService)
+        stopped.addBoth(lambda _: MultiService.stopService(self))
+        return stopped
 
     def _stop_cleanly_on_sigterm(self) -> None:
         """SIGTERM is how systemd and ``kill`` ask for a normal stop: shut down
@@ -107,6 +120,10 @@ def make_service(settings: Settings, reactor: Any = None, config_path: Path | No
             if listener is not None:
                 listener.shutdown_grace = settings.suite.shutdown_grace
                 listener.setServiceParent(suite)
+    if settings.suite.workers > 1:
+        shared = {child.name: child for child in suite if child.name in workers.SHARED}
+        suite.pool = workers.WorkerPool(settings, suite.stats, shared, reactor)
+        suite.pool.setServiceParent(suite)
     return suite
 
 

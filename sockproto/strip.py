@@ -56,23 +56,30 @@ class StripProtocol(BoundedLineReceiver):
         # LineReceiver splits one line at a time and copies the rest of the
         # buffer each time; the answer to a block of lines is computable in one
         # pass, so take the fast path whenever no line needs a closer look.
-        if self.transport.disconnecting:
+        transport = self.transport
+        if transport.disconnecting:
             return None
-        buffer = self._buffer + data if self._buffer else data
-        end = buffer.rfind(b"\n")
-        if end < 0:
+        if self._buffer:
+            data = self._buffer + data
             self._buffer = b""
-            if len(buffer) > self.MAX_LENGTH:
-                return self.lineLengthExceeded(buffer)
-            self._buffer = buffer
+        end = data.rfind(b"\n")
+        if end < 0:
+            if len(data) > self.MAX_LENGTH:
+                return self.lineLengthExceeded(data)
+            self._buffer = data
             return None
-        block, rest = buffer[:end], buffer[end + 1 :]
-        self._buffer = b""
-        if len(block) > self.MAX_LENGTH or _may_close(block):
+        if end == len(data) - 1:  # the usual case: whole lines only
+            block, rest = data[:end], b""
+        else:
+            block, rest = data[:end], data[end + 1 :]
+        lowered = block.lower()  # may a line close? then each gets a closer look
+        if b"exit" in lowered or b"quit" in lowered or len(block) > self.MAX_LENGTH:
             return self._answer_one_by_one(block, rest)
         self.service_stats.handled += block.count(b"\n") + 1
-        self.transport.write(block.translate(_LF_TO_NUL, b" \t\r\0") + b"\0")
-        return self._keep(rest)
+        transport.write(block.translate(_LF_TO_NUL, b" \t\r\0") + b"\0")
+        if rest:
+            return self._keep(rest)
+        return None
 
     def _answer_one_by_one(self, block: bytes, rest: bytes) -> Any:
         answers = []
@@ -105,11 +112,6 @@ class StripProtocol(BoundedLineReceiver):
             return
         self.service_stats.handled += 1
         self.transport.write(answer(line))
-
-
-def _may_close(block: bytes) -> bool:
-    lowered = block.lower()
-    return b"exit" in lowered or b"quit" in lowered
 
 
 class StripFactory(Factory):

@@ -20,6 +20,7 @@ from bench.scenarios.chat import Case as ChatCase
 from bench.scenarios.chat import chat_values
 from bench.scenarios.memory import HTTP, STRIP
 from bench.scenarios.strip import CASES as STRIP_CASES
+from bench.scenarios.workers import without_workers
 from bench.servers import suite_arguments
 from bench.stats import OURS, Figure, Summary, median, percentile, ratio, summarize
 
@@ -173,7 +174,7 @@ class ArgumentTests(SynchronousTestCase):
 
     def test_runs_fit_their_time_budget(self) -> None:
         self.assertLess(cli.estimate_seconds(cli.parse([])), 15 * 60)
-        self.assertLess(cli.estimate_seconds(cli.parse(["--quick"])), 2.5 * 60)
+        self.assertLess(cli.estimate_seconds(cli.parse(["--quick"])), 3 * 60)
 
     def test_warmup_is_a_slice_of_the_duration(self) -> None:
         self.assertEqual(cli.parse(["--quick"]).warmup, 0.125)
@@ -236,6 +237,10 @@ class ParserTests(SynchronousTestCase):
             (str(ChatCase(1000, True)), ChatCase(1000, True).senders), ("1000 clients + non-reader", 10)
         )
         self.assertEqual(ChatCase(10, False).senders, 1)
+
+    def test_workers_scenario_sets_workers_itself(self) -> None:
+        given = ("--workers", "4", "--idle-timeout", "9", "--workers=3")
+        self.assertEqual(without_workers(given), ["--idle-timeout", "9"])
 
     def test_memory_answers_are_recognised(self) -> None:
         self.assertTrue(STRIP.done(b"helloworld\0"))

@@ -473,6 +473,60 @@ class AccessLogTests(SynchronousTestCase):
         )
         self.assertEqual(events[0]["log_namespace"], "sockproto")
 
+    def test_twistd_log_lines_within_budget_then_summed_up(self) -> None:
+        harness = Harness(self, log_rate=(1.0, 3.0))
+        harness.site.doStart()
+        self.addCleanup(harness.site.doStop)
+        with capturedLogs() as events:
+            connection = harness.connect()
+            for _ in range(10):
+                connection.request("/")
+            self.assertEqual(len([m for m in messages(events) if "GET / " in m]), 3)
+            harness.clock.advance(http.SUMMARY_INTERVAL)
+        self.assertEqual(
+            messages(events)[-1],
+            "http: 7 more requests in the last 10 s, not logged one by one (--http-log-rate)",
+        )
+        with capturedLogs() as events:
+            connection.request("/ip")  # the bucket filled up again meanwhile
+            harness.clock.advance(http.SUMMARY_INTERVAL)
+        self.assertEqual(len(messages(events)), 1)
+        self.assertIn("GET /ip", messages(events)[0])
+
+    def test_lines_beyond_the_budget_are_not_even_formatted(self) -> None:
+        harness = Harness(self, log_rate=(1.0, 2.0))
+        harness.site.doStart()
+        self.addCleanup(harness.site.doStop)
+        formatted = []
+        formatter = harness.site._logFormatter
+        harness.site._logFormatter = lambda *args: formatted.append(1) or formatter(*args)
+        with capturedLogs():
+            connection = harness.connect()
+            for _ in range(10):
+                connection.request("/")
+        self.assertEqual(len(formatted), 2)
+
+    def test_rate_zero_logs_every_request(self) -> None:
+        harness = Harness(self, log_rate=(0.0, 0.0))
+        harness.site.doStart()
+        self.addCleanup(harness.site.doStop)
+        with capturedLogs() as events:
+            connection = harness.connect()
+            for _ in range(300):
+                connection.request("/")
+        self.assertEqual(len([m for m in messages(events) if "GET / " in m]), 300)
+        self.assertEqual((harness.site.logFile.unlogged, harness.site.logFile._call), (0, None))
+
+    def test_stopping_sums_up_at_once(self) -> None:
+        harness = Harness(self, log_rate=(1.0, 1.0))
+        harness.site.doStart()
+        with capturedLogs() as events:
+            connection = harness.connect()
+            connection.request("/")
+            connection.request("/")
+            harness.site.doStop()
+        self.assertIn("http: 1 more requests", messages(events)[-1])
+
     def test_access_log_file(self) -> None:
         path = os.path.join(temp_dir(self), "access.log")
         harness = Harness(self, access_log=path)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from sockproto.limits import BucketTable, ConnectionPolicy, GuardedFactory, TokenBucket
+from sockproto.limits import HOLD_LIMIT, BucketTable, ConnectionPolicy, GuardedFactory, TokenBucket
 from sockproto.stats import ServiceStats
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -163,6 +168,150 @@ class GuardedFactoryTests(SynchronousTestCase):
         wrapper.loseConnection()
         wrapper.connectionLost(None)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class LazyIdleTimerTests(SynchronousTestCase):
+    """Reads only note the time; one timer checks it when it comes due."""
+
+    def test_reads_postpone_the_timeout(self) -> None:
+        factory, stats, clock = guarded(idle_timeout=10)
+        wrapper = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        clock.advance(6)
+        wrapper.dataReceived(b"x")
+        clock.advance(6)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(3.9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(0.1)  # 10 s after the last read
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(stats.limits["idle_timeout"], 1)
+
+    def test_one_timer_however_many_reads(self) -> None:
+        factory, _, clock = guarded(idle_timeout=10)
+        wrapper = factory.buildProtocol(PEER)
+        wrapper.makeConnection(StringTransport())
+        (timer,) = clock.getDelayedCalls()
+        for _ in range(100):
+            clock.advance(0.05)
+            wrapper.dataReceived(b"x")
+        self.assertEqual(clock.getDelayedCalls(), [timer])
+
+    def test_reset_timeout_is_activity(self) -> None:
+        factory, _, clock = guarded(idle_timeout=10)
+        wrapper = factory.buildProtocol(PEER)
+        transport = StringTransport()
+        wrapper.makeConnection(transport)
+        clock.advance(9)
+        wrapper.resetTimeout()  # e.g. POP3 while it sends a long message
+        clock.advance(9)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+
+    def test_connection_lost_stops_the_timer(self) -> None:
+        factory, _, clock = guarded(idle_timeout=10)
+        wrapper = factory.buildProtocol(PEER)
+        wrapper.makeConnection(StringTransport())
+        wrapper.connectionLost(None)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class Answers(Protocol):
+    """Answers each read with several writes, and what the read asks for."""
+
+    def dataReceived(self, data: bytes) -> None:
+        for command in data.split():
+            if command == b"big":
+                self.transport.write(b"b" * (HOLD_LIMIT * 4))
+            elif command == b"bye":
+                self.transport.write(b"bye\n")
+                self.transport.loseConnection()
+                return
+            elif command == b"str":
+                try:
+                    self.transport.write("text")  # type: ignore[arg-type]
+                except TypeError:
+                    self.transport.write(b"TypeError\n")
+            else:
+                self.transport.write(b"<")
+                self.transport.writeSequence([command, b">"])
+        self.transport.write(b"\n")
+        self.factory.seen.append(self.transport.transport)  # the real transport, after the read
+
+
+class Client(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+        self.waiting: tuple[bytes, Deferred[bytes]] | None = None
+        self.closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.waiting is not None and self.received.endswith(self.waiting[0]):
+            done, self.waiting = self.waiting[1], None
+            done.callback(self.received)
+
+    def until(self, end: bytes) -> Deferred[bytes]:
+        self.waiting = (end, Deferred())
+        return self.waiting[1]
+
+    def connectionLost(self, reason: Any) -> None:
+        self.closed.callback(None)
+
+
+class HeldWritesOverTcpTests(TestCase):
+    """What a protocol writes while it handles a read goes out in one send
+    when the read is handled, in order, over a real TCP connection."""
+
+    @inlineCallbacks
+    def setUp(self) -> Any:
+        stats = ServiceStats("test", "things")
+        factory = Factory.forProtocol(Answers)
+        factory.seen = []  # type: ignore[attr-defined]
+        self.seen = factory.seen  # type: ignore[attr-defined]
+        self.guarded = GuardedFactory(factory, ConnectionPolicy(), stats, reactor)
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.guarded)
+        self.addCleanup(port.stopListening)
+        self.client = Client()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+        yield endpoint.connect(Factory.forProtocol(lambda: self.client))
+        self.addCleanup(self._close)
+
+    def _close(self) -> Any:
+        if self.client.transport.connected:
+            self.client.transport.loseConnection()
+            return self.client.closed
+        return None
+
+    @inlineCallbacks
+    def test_answers_in_order_sent_at_once(self) -> Any:
+        self.client.transport.write(b"one two three\n")
+        received = yield self.client.until(b"\n")
+        self.assertEqual(received, b"<one><two><three>\n")
+        (transport,) = self.seen[:1]
+        # Sent before the reactor went round again: nothing left to write.
+        self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
+        self.assertNotIn(transport, reactor.getWriters())
+
+    @inlineCallbacks
+    def test_big_answer_whole_and_in_order(self) -> Any:
+        self.client.transport.write(b"a big z\n")
+        received = yield self.client.until(b"<z>\n")
+        self.assertEqual(received, b"<a>" + b"b" * (HOLD_LIMIT * 4) + b"<z>\n")
+
+    @inlineCallbacks
+    def test_close_after_the_last_words(self) -> Any:
+        self.client.transport.write(b"x bye\n")
+        yield self.client.closed
+        self.assertEqual(self.client.received, b"<x>bye\n")
+
+    @inlineCallbacks
+    def test_text_refused_as_by_a_transport(self) -> Any:
+        self.client.transport.write(b"str\n")
+        received = yield self.client.until(b"\n")
+        self.assertEqual(received, b"TypeError\n\n")
 
 
 class TokenBucketTests(SynchronousTestCase):

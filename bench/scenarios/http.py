@@ -109,10 +109,12 @@ def run(ctx: Context) -> list[Figure]:
     ctx.setup(
         "http",
         f"`wrk -t1 -c{CONNECTIONS} --latency` (keep-alive) for whole seconds, no warm-up. sockproto runs with"
-        " `--http-root DIR --http-max-clients 0` and writes its access log to the twistd log as it does by"
-        " default; the twisted.web peer formats its access log too; aiohttp, http.server and nginx"
-        " log nothing. nginx runs one worker process (`worker_processes 1`), as every other server is one"
-        " process; http.server speaks HTTP/1.1 (`--protocol HTTP/1.1`) so that it keeps connections alive.",
+        " `--http-root DIR --http-max-clients 0` and logs requests to the twistd log as it does by default:"
+        " a line each for 50 a second (bursts of 100), the rest summed up every 10 s (`--http-log-rate`);"
+        " the twisted.web peer formats an access log line for every request (kept in Twisted's in-memory"
+        " log buffer: it starts no log observer); aiohttp, http.server and nginx log nothing. nginx runs"
+        " one worker process (`worker_processes 1`), as every other server is one process; http.server"
+        " speaks HTTP/1.1 (`--protocol HTTP/1.1`) so that it keeps connections alive.",
     )
     www = make_site(ctx.work)
     with ctx.servers() as stack:
