@@ -14,7 +14,10 @@ twisted.web does the HTTP; this module adds the limits it lacks:
   a client that never reads would hold its connection for ever;
 - a body cap enforced while the body arrives (twisted.web buffers the whole
   body before a resource sees it);
-- one log line for each client mistake (twisted.web answers them silently).
+- one log line for each client mistake (twisted.web answers them silently);
+- a response's producer is paused once however often the transport asks
+  (see :class:`PausedOnce`): twisted.web would leave a pipelined response
+  that starts while the send buffer is full paused for ever.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -485,6 +488,41 @@ class StatsCollector(Collector):
 # -- the site, its channel and its requests -----------------------------------------
 
 
+@implementer(IPushProducer)
+class PausedOnce:
+    """A response's producer, paused and resumed once per change of state.
+
+    The transport calls ``pauseProducing`` on every write while its buffer is
+    full but ``resumeProducing`` once when it drains, and HTTPChannel passes
+    each call on to the response's producer. A pull producer (``static.File``,
+    ``/bytes``) runs as a CooperativeTask, which needs as many resumes as it
+    had pauses: a response that starts while the buffer is still full (the
+    next of pipelined requests) writes its headers and its first chunk, is
+    paused twice, resumed once, and never finishes; the connection hangs.
+    """
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.producer.stopProducing()
+
+    def stopStreaming(self) -> None:
+        """HTTPChannel's call to the pull-to-push adapter it made."""
+        self.producer.stopStreaming()
+
+
 class ResponderChannel(HTTPChannel):
     """twisted.web's HTTP/1.1 connection with the limits of the module docstring."""
 
@@ -551,6 +589,14 @@ class ResponderChannel(HTTPChannel):
             if self._stall_call.active():
                 self._stall_call.cancel()
             self._stall_call = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        super().registerProducer(producer, streaming)
+        self._requestProducer = PausedOnce(self._requestProducer)
+        if self._waitingForTransport:
+            # The buffer is full already: start paused, and go on with the
+            # others when it drains.
+            self._requestProducer.pauseProducing()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # LineReceiver would close without a word.
