@@ -27,8 +27,9 @@ _ONTO_STRIP = bytes(_STRIP_ALPHABET[i % len(_STRIP_ALPHABET)] for i in range(256
 
 
 def strip_answers(lines: Iterable[bytes]) -> bytes:
-    """What the strip server sends back for these lines (each without its LF)."""
-    return b"".join(line.translate(None, WHITESPACE) + b"\0" for line in lines)
+    """What the strip server sends back for these lines (each without its LF):
+    whitespace and NULs removed, one NUL after each answer."""
+    return b"".join(line.translate(None, WHITESPACE + b"\0") + b"\0" for line in lines)
 
 
 def closes_strip(line: bytes) -> bool:
