@@ -121,6 +121,7 @@ class Mix:
     udp_clients: int
     misbehaving: int  # loops of each misbehaving kind
     crowd: int
+    burst: int  # chat clients joining at once, now and then
 
     @classmethod
     def of(cls, connections: int) -> Mix:
@@ -142,6 +143,7 @@ class Mix:
             udp_clients=4,
             misbehaving=max(1, min(3, connections // 500)),
             crowd=0,
+            burst=part(0.15),
         )._with_crowd()
 
     def _with_crowd(self) -> Mix:
@@ -547,6 +549,7 @@ class Load:
         self.stopping = asyncio.Event()
         self.connects = asyncio.Semaphore(32)  # connection attempts in flight
         self.uids: dict[str, list[bytes]] = {}
+        self.slowest_burst = 0.0  # seconds to the last welcome of a burst of joins
         self._serial = 0
 
     @property
@@ -693,6 +696,32 @@ class Load:
         finally:
             a.close()
             b.close()
+
+    async def chat_burst(self) -> None:
+        """A reconnect storm: many clients join at once (no throttle on the
+        connects); every one must be welcomed, however full the accept queue."""
+        conns: list[Conn] = []
+        started = time.monotonic()
+
+        async def join() -> None:
+            conn = await Conn.open(self.address["chat"])
+            conns.append(conn)
+            async with asyncio.timeout(DEADLINE):
+                welcome = await conn.until(b"\r\n")
+            if expect.welcome_nick(welcome) is None:
+                raise WrongAnswerError(f"welcome in a burst: {welcome!r}")
+
+        try:
+            results = await asyncio.gather(*(join() for _ in range(self.mix.burst)), return_exceptions=True)
+        finally:
+            for conn in conns:
+                conn.close()
+        self.slowest_burst = max(self.slowest_burst, time.monotonic() - started)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self.tally.ok("chat", len(results))
+        await self.pause(self.rng.uniform(3, 6))
 
     async def chat_loud(self) -> None:
         """Long lines at 15 a second: volume for every member to check, backlog for the stalled readers."""
@@ -1611,6 +1640,7 @@ class Outcome:
     problems: list[str] = field(default_factory=list)
     exit_status: int | None = None
     peak_connections: int = 0
+    slowest_burst: float = 0.0
     ramp_up: float | None = None  # seconds until the well-behaved clients were connected
 
 
@@ -1646,6 +1676,7 @@ async def run_load(server: Server, fixtures: Fixtures, mix: Mix, duration: float
     for number in range(mix.chat_pairs):
         behave("chat", lambda n=number: load.chat_pair(n), 1)
     behave("chat", load.chat_loud, 1)
+    behave("chat", load.chat_burst, 1)
     behave("http", load.http_busy, mix.http_busy)
     for user in [u for u in fixtures.mail if u.startswith("pop")]:
         behave("pop3", lambda u=user: load.pop3_user(u), 1)
@@ -1700,6 +1731,7 @@ async def run_load(server: Server, fixtures: Fixtures, mix: Mix, duration: float
         left_open=left_open,
         limits=limits,
         peak_connections=Conn.open_peak,
+        slowest_burst=load.slowest_burst,
         ramp_up=ramp_up[0] if ramp_up else None,
     )
 
@@ -1901,6 +1933,10 @@ def render(outcome: Outcome, duration: float, mix: Mix, seed: int) -> str:
     if tally.failed["soak"]:
         lines.append(f"{'(other)':<8} {'':>9} {'':>6} {tally.failed['soak']:>7}")
     lines.append("")
+    lines.append(
+        f"bursts: {mix.burst} chat clients joining at once every few seconds; the slowest burst took "
+        f"{outcome.slowest_burst:.2f} s"
+    )
     lines.append(
         "misbehaving: " + ", ".join(f"{kind} {count}" for kind, count in sorted(tally.episodes.items()))
     )

@@ -26,6 +26,26 @@ def stream_description(spec: str, interface: str) -> str | None:
     return spec
 
 
+# Connections the kernel may hold for us before we accept them. Twisted's
+# default, 50, is too few for services that take 1000 clients: a burst over
+# it (a reconnect storm, a room joining at once) loses connections the client
+# believes open, and a server-speaks-first protocol (chat, POP3) leaves such a
+# client waiting for a greeting that never comes. Linux caps it at
+# net.core.somaxconn (4096 by default since 5.4).
+LISTEN_BACKLOG = 1024
+_TAKES_BACKLOG = ("tcp", "tcp6", "ssl", "unix")
+_HAS_BACKLOG = re.compile(r"(?<!\\):backlog=")
+
+
+def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
+    """The description with ``backlog=`` added where Twisted takes one and it
+    does not set its own (``tcp:9000:backlog=4096`` keeps 4096)."""
+    kind = description.partition(":")[0]
+    if kind not in _TAKES_BACKLOG or _HAS_BACKLOG.search(description):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 def loopback_only(description: str) -> bool:
     """Whether a stream endpoint description listens on loopback (or a UNIX
     socket) only. Unknown kinds (``systemd:``) count as beyond loopback."""

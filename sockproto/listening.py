@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sockproto.endpoints import stream_description
+from sockproto.endpoints import stream_description, with_backlog
 from sockproto.limits import SHUTDOWN_GRACE, ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
 
@@ -133,7 +133,7 @@ def stream_listener(
     from twisted.internet.endpoints import serverFromString
 
     guarded = GuardedFactory(factory, policy, stats, reactor)
-    endpoint = serverFromString(reactor, description)
+    endpoint = serverFromString(reactor, with_backlog(description))
     return Listener(
         name,
         description,
