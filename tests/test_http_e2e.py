@@ -321,3 +321,22 @@ class HttpOptionsEndToEndTests(SynchronousTestCase):
         result = run_twistd(["-n", "sockproto", "--http-root", "/no/such/folder"])
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("--http-root: no such folder", result.stderr)
+
+
+class ChatStatusEndToEndTests(SynchronousTestCase):
+    def test_status_counters_move_when_chat_is_used(self) -> None:
+        suite = Suite([*ALL_OFF, "--chat-port", "0", "--http-port", "0"]).start()
+        self.addCleanup(suite.stop)
+        client = Client(self, suite)
+        before = client.json("/status")["services"]["chat"]
+        self.assertEqual((before["connections"]["total"], before["lines"]), (0, 0))
+        with suite.connect("chat") as talker, suite.connect("chat") as listener:
+            recv_until(listener, lambda d: d.endswith(b"\n"))  # welcome
+            recv_until(talker, lambda d: b"joined" in d)
+            talker.sendall(b"hello\n")
+            recv_until(listener, lambda d: b"<guest1> hello" in d)
+            during = client.json("/status")["services"]["chat"]
+            self.assertEqual(during["connections"], {"current": 2, "total": 2})
+            self.assertGreaterEqual(during["lines"], 1)
+            self.assertGreater(during["bytes"]["out"], before["bytes"]["out"])
+        wait_for(lambda: client.json("/status")["services"]["chat"]["connections"]["current"] == 0)
