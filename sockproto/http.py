@@ -17,7 +17,9 @@ twisted.web does the HTTP; this module adds the limits it lacks:
 - one log line for each client mistake (twisted.web answers them silently);
 - a response's producer is paused once however often the transport asks
   (see :class:`PausedOnce`): twisted.web would leave a pipelined response
-  that starts while the send buffer is full paused for ever.
+  that starts while the send buffer is full paused for ever;
+- a client that half-closes after its requests (ncat, ``nc -N``) gets its
+  answers: twisted.web would drop every one not yet written.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPullProducer, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer, IPushProducer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -523,11 +525,13 @@ class PausedOnce:
         self.producer.stopStreaming()
 
 
+@implementer(IHalfCloseableProtocol)
 class ResponderChannel(HTTPChannel):
     """twisted.web's HTTP/1.1 connection with the limits of the module docstring."""
 
     site: ResponderSite
     _receiving = False  # part of a request is in: its deadline runs
+    _client_done = False  # the client half-closed: it sends nothing more
     _stall_call: Any = None
     _until_done: Deferred[bytes] | None = None  # the server stops once the response is out
 
@@ -590,6 +594,26 @@ class ResponderChannel(HTTPChannel):
                 self._stall_call.cancel()
             self._stall_call = None
 
+    def readConnectionLost(self) -> None:
+        """The client has sent all it will: answer the requests it made, then close.
+
+        twisted.web is not half-closeable, so this EOF would drop every
+        response still under way (``/delay``, ``/bytes``, a large file): all
+        a client that closes its side after a request, as ncat does, would get.
+        """
+        if not self._client_done:  # twisted.web's resumeProducing can read the EOF again
+            self._client_done = True
+            self._close_when_answered()
+
+    def writeConnectionLost(self) -> None:
+        self.loseConnection()
+
+    def _close_when_answered(self) -> None:
+        # A request only partly received when the client closed can never be
+        # completed: it gets no answer.
+        if not self._handlingRequest and not self.transport.disconnecting:
+            self.loseConnection()
+
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         super().registerProducer(producer, streaming)
         self._requestProducer = PausedOnce(self._requestProducer)
@@ -645,7 +669,9 @@ class ResponderChannel(HTTPChannel):
 
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
-        if self._until_done is not None and not self.requests:
+        if self._client_done:  # the client half-closed: close once it is answered
+            self._close_when_answered()
+        if self._until_done is not None and not self.requests:  # the suite stops
             done, self._until_done = self._until_done, None
             done.callback(b"")
 

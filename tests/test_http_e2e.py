@@ -295,9 +295,17 @@ class HttpOptionsEndToEndTests(SynchronousTestCase):
         self.assertNotIn(b".hidden", listing)
         wait_for(lambda: b'"GET /files/ HTTP/1.1" 200' in read_if_there(access_log), what="access log line")
         self.assertFalse(suite.saw('"GET /files/ HTTP/1.1"'))
-        with suite.connect("http") as first:
-            first.sendall(b"GET /ip HTTP/1.1\r\nHost: x\r\n\r\n")
-            recv_until(first, lambda d: d.endswith(b"}\n"))
+
+        def connected() -> socket.socket | None:
+            """A connection in the one slot, once the server has seen curl's close."""
+            sock = suite.connect("http")
+            sock.sendall(b"GET /ip HTTP/1.1\r\nHost: x\r\n\r\n")
+            if recv_until(sock, lambda d: d.endswith(b"}\n")).startswith(b"HTTP/1.1 200 "):
+                return sock
+            sock.close()  # a 503: curl's connection still had the slot
+            return None
+
+        with wait_for(connected, what="the slot curl used"):
             with suite.connect("http") as second:
                 self.assertTrue(recv_all(second).startswith(b"HTTP/1.1 503 Service Unavailable\r\n"))
 
