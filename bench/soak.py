@@ -227,7 +227,9 @@ class PeerClosedError(Exception):
 
 class Pipe(asyncio.Protocol):
     """Collects what arrives. Unlike asyncio's StreamReader, a reset does not
-    hide the data that came before it: the answer before an RST still counts."""
+    hide the data that came before it: the answer before an RST still counts.
+    Every client takes what it asked for (a client that must stop reading
+    uses a :class:`RawSocket`), so nothing piles up here."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -236,16 +238,12 @@ class Pipe(asyncio.Protocol):
         self.transport: Any = None
         self._waiter: asyncio.Future[None] | None = None
         self._writable: asyncio.Future[None] | None = None
-        self._reading = True
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if len(self.buffer) > 1 << 22 and self._reading:  # nobody takes it: let TCP push back
-            self._reading = False
-            self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
@@ -274,9 +272,6 @@ class Pipe(asyncio.Protocol):
 
     async def more(self) -> None:
         """Wait until something arrives (or the connection ends)."""
-        if not self._reading and len(self.buffer) < 1 << 20:
-            self._reading = True
-            self.transport.resume_reading()
         self._waiter = asyncio.get_running_loop().create_future()
         await self._waiter
 
@@ -793,20 +788,21 @@ class Load:
 
     # -- HTTP
 
-    async def http_exchange(self, conn: Conn, requests: list[HttpCase]) -> None:
-        sent = time.monotonic()  # a pipelined answer cannot come before its request was sent
-        await conn.send(b"".join(case.request for case in requests))
+    async def http_exchange(self, conn: Conn, requests: list[HttpCase], sent: bool = False) -> None:
+        started = time.monotonic()  # a pipelined answer cannot come before its request was sent
+        if not sent:
+            await conn.send(b"".join(case.request for case in requests))
         for case in requests:
             try:
                 async with asyncio.timeout(DEADLINE):
                     response = await read_response(conn, case.method)
             except TimeoutError:
                 raise TimeoutError(
-                    f"to {case.method} {case.target} (got {bytes(conn.buffer[:200])!r})"
+                    f"to {case.method} {case.target} (got {bytes(conn.buffer[:40])!r})"
                 ) from None
             if response.status == expect.HTTP_OVERFLOW_STATUS and b"too many" in response.body:
                 raise RefusedError()
-            problem = case.check(response, time.monotonic() - sent)
+            problem = case.check(response, time.monotonic() - started)
             if problem:
                 raise WrongAnswerError(f"{case.method} {case.target}: {problem}")
             self.tally.ok("http")
@@ -825,11 +821,33 @@ class Load:
         conn = await self.connect("http")
         try:
             while self.running:
+                if self.rng.random() < 0.02:
+                    await self.http_after_full_buffer(conn)
+                    continue
                 count = 3 if self.rng.random() < 0.2 else 1  # sometimes pipelined
                 await self.http_exchange(conn, [http_case(self.rng, self.fixtures) for _ in range(count)])
                 await self.pause(0.02)
         finally:
             conn.close()
+
+    async def http_after_full_buffer(self, conn: Conn) -> None:
+        """Pipelined answers after one that leaves the server's send buffer full
+        (10 MiB, in whole 64 KiB chunks, to a reader that looks away a moment)."""
+        size = 10 * 1024 * 1024
+        cases = [
+            HttpCase("GET", f"/bytes/{size}", expect.http_request("GET", f"/bytes/{size}"), _expect(200)),
+            HttpCase("GET", "/bytes/1000", expect.http_request("GET", "/bytes/1000"), _expect(200)),
+            HttpCase(
+                "GET", "/", expect.http_request("GET", "/"), _expect(200, (HTTP_MESSAGE + "\n").encode())
+            ),
+        ]
+        conn.pipe.transport.pause_reading()
+        try:
+            await conn.send(b"".join(case.request for case in cases))
+            await asyncio.sleep(0.3)
+        finally:
+            conn.pipe.transport.resume_reading()
+        await self.http_exchange(conn, cases, sent=True)
 
     async def http_stalled(self, _service: str) -> None:
         """Asks for 10 MB and never reads: the server may hold only what fits its buffers."""

@@ -5,6 +5,8 @@ server or fail a correct one. The run itself is ``python -m bench.soak``
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import random
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -215,8 +217,10 @@ class ArgumentTests(SynchronousTestCase):
         self.assertEqual(soak.parse_arguments([]).duration, 60.0)
         self.assertEqual(soak.parse_arguments(["--duration", "15"]).duration, 15.0)
         for bad in ("301", "0", "-1", "soon"):
-            with self.assertRaises(SystemExit):
+            errors = io.StringIO()
+            with self.assertRaises(SystemExit), contextlib.redirect_stderr(errors):
                 soak.parse_arguments(["--duration", bad])
+            self.assertIn("--duration", errors.getvalue())
 
     def test_the_mix_is_about_the_connections_asked_for(self) -> None:
         for connections in (300, 1000, 2000):
