@@ -107,6 +107,12 @@ class Suite(MultiService):
     def _forget_sigterm(self) -> None:
         if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
             self.reactor._exitSignal = None
+        # Stopped: a further SIGTERM has nothing left to stop. Python restores
+        # the default action of handled signals while it shuts down, so one
+        # arriving now would kill the process (status 143) mid-exit; ignored
+        # signals it leaves alone.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_service(settings: Settings, reactor: Any = None, config_path: Path | None = None) -> Suite:

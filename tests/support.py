@@ -140,10 +140,18 @@ class Suite:
     def connect(self, service: str, timeout: float = DEADLINE) -> socket.socket:
         return socket.create_connection(self.address(service), timeout=timeout)
 
+    def send_signal(self, sig: int) -> None:
+        """Send a signal (a test that stops the suite itself: ``stop`` then only waits)."""
+        assert self.process is not None
+        self._signalled = True
+        self.process.send_signal(sig)
+
+    _signalled = False
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.process is None:
             return 0
-        if self.process.poll() is None:
+        if self.process.poll() is None and not self._signalled:
             self.process.send_signal(sig)
         try:
             code = self.process.wait(DEADLINE)

@@ -128,7 +128,7 @@ class ChatEndToEndTests(SynchronousTestCase):
         clients = [self.connect() for _ in range(3)]
         for sock in clients[:2]:
             recv_until(sock, lambda d: b"guest3 joined" in d)
-        self.suite.process.send_signal(signal.SIGTERM)
+        self.suite.send_signal(signal.SIGTERM)
         for sock in clients:
             self.assertEqual(recv_all(sock), b"*** server shutting down\r\n")
         self.assertEqual(self.suite.stop(), 0)
@@ -161,9 +161,9 @@ class StallingShutdownTests(SynchronousTestCase):
         talker.sendall(b"/who\n")  # answered once the server has read all of the above
         recv_until(talker, lambda d: b"*** 2 here" in d)
         started = time.monotonic()
-        suite.process.send_signal(signal.SIGTERM)
+        suite.send_signal(signal.SIGTERM)
         suite.wait_log("received SIGTERM")
-        suite.process.send_signal(signal.SIGTERM)  # an impatient operator
+        suite.send_signal(signal.SIGTERM)  # an impatient operator
         self.assertEqual(suite.stop(), 0)
         self.assertLess(time.monotonic() - started, 10)
         self.assertTrue(suite.saw("chat stopped"))

@@ -85,7 +85,7 @@ class GracefulStopTests(SynchronousTestCase):
         retr, retr_start, size = pop3_retr_started(self, suite)
 
         started = time.monotonic()
-        suite.process.send_signal(15)
+        suite.send_signal(15)
         suite.wait_log("http: closing ")  # the port is closed before the connections are told
         for service in ("strip", "chat", "http", "pop3"):
             with self.assertRaises(ConnectionRefusedError, msg=service):
