@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
-from sockproto.limits import HOLD_LIMIT, BucketTable, ConnectionPolicy, GuardedFactory, TokenBucket
+from sockproto.limits import (
+    HOLD_LIMIT,
+    BucketTable,
+    ConnectionPolicy,
+    GuardedFactory,
+    TokenBucket,
+    at_turn_end,
+)
 from sockproto.stats import ServiceStats
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -229,6 +240,8 @@ class Answers(Protocol):
                 self.transport.write(b"bye\n")
                 self.transport.loseConnection()
                 return
+            elif command == b"later":
+                reactor.callLater(0.01, self.later)
             elif command == b"str":
                 try:
                     self.transport.write("text")  # type: ignore[arg-type]
@@ -239,6 +252,13 @@ class Answers(Protocol):
                 self.transport.writeSequence([command, b">"])
         self.transport.write(b"\n")
         self.factory.seen.append(self.transport.transport)  # the real transport, after the read
+
+    def later(self) -> None:
+        """Writes outside a read (a timer): held until the reactor turn ends."""
+        self.transport.write(b"<l1>")
+        self.transport.writeSequence([b"<l2>", b"\n"])
+        real = self.transport.transport
+        self.factory.held.append((list(self.transport._held), real.dataBuffer, list(real._tempDataBuffer)))
 
 
 class Client(Protocol):
@@ -270,6 +290,8 @@ class HeldWritesOverTcpTests(TestCase):
         stats = ServiceStats("test", "things")
         factory = Factory.forProtocol(Answers)
         factory.seen = []  # type: ignore[attr-defined]
+        factory.held = []  # type: ignore[attr-defined]
+        self.held = factory.held  # type: ignore[attr-defined]
         self.seen = factory.seen  # type: ignore[attr-defined]
         self.guarded = GuardedFactory(factory, ConnectionPolicy(), stats, reactor)
         port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.guarded)
@@ -308,10 +330,98 @@ class HeldWritesOverTcpTests(TestCase):
         self.assertEqual(self.client.received, b"<x>bye\n")
 
     @inlineCallbacks
+    def test_writes_outside_a_read_go_out_when_the_turn_ends(self) -> Any:
+        self.client.transport.write(b"later\n")
+        yield self.client.until(b"\n")
+        received = yield self.client.until(b"<l1><l2>\n")
+        self.assertEqual(received, b"\n<l1><l2>\n")
+        # While the timer ran they were held, nothing in the transport's buffer;
+        # once sent, nothing is left to write.
+        self.assertEqual(self.held, [([b"<l1>", b"<l2>", b"\n"], b"", [])])
+        (transport,) = self.seen[:1]
+        self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
+        self.assertNotIn(transport, reactor.getWriters())
+
+    @inlineCallbacks
     def test_text_refused_as_by_a_transport(self) -> Any:
         self.client.transport.write(b"str\n")
         received = yield self.client.until(b"\n")
         self.assertEqual(received, b"TypeError\n\n")
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloser(Protocol):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def readConnectionLost(self) -> None:
+        self.events.append("EOF")
+
+    def connectionLost(self, reason: Any) -> None:
+        self.events.append(type(reason.value).__name__)
+
+
+class ResetSeenBySendTests(SynchronousTestCase):
+    """The peer resets the connection and our direct send() gets the error:
+    the socket then reads as a clean EOF, but the protocol must see a reset."""
+
+    def connection(self) -> tuple[HalfCloser, Any]:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.close()  # sends now fail, reads see EOF
+        factory, _, self.clock = guarded(HalfCloser)
+        wrapper = factory.buildProtocol(PEER)
+        transport = tcp.Connection(ours, wrapper, reactor)
+        transport.connected = 1
+        self.addCleanup(transport.stopWriting)
+        self.addCleanup(ours.close)
+        wrapper.makeConnection(transport)
+        wrapper.write(b"x")  # outside a read: sent when the turn ends
+        self.clock.advance(0)
+        return wrapper.wrappedProtocol, transport
+
+    def test_eof_after_a_failed_send_is_a_reset(self) -> None:
+        protocol, transport = self.connection()
+        self.assertIsInstance(transport.doRead(), ConnectionDone)
+        transport.readConnectionLost(Failure(ConnectionDone()))  # what the reactor does next
+        self.assertEqual(protocol.events, ["ConnectionLost"])
+
+    def test_a_clean_close_after_a_failed_send_is_a_reset(self) -> None:
+        protocol, transport = self.connection()
+        transport.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(protocol.events, ["ConnectionLost"])
+
+
+class TurnEndTests(SynchronousTestCase):
+    def test_calls_made_once_the_turn_ends_with_those_they_add(self) -> None:
+        clock = Clock()
+        made: list[int] = []
+
+        def first() -> None:
+            made.append(1)
+            at_turn_end(clock, lambda: made.append(3))
+
+        at_turn_end(clock, first)
+        at_turn_end(clock, lambda: made.append(2))
+        self.assertEqual((made, len(clock.getDelayedCalls())), ([], 1))
+        clock.advance(0)
+        self.assertEqual(made, [1, 2, 3])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        at_turn_end(clock, lambda: made.append(4))  # a new turn, a new call
+        clock.advance(0)
+        self.assertEqual(made, [1, 2, 3, 4])
+
+    def test_an_error_is_logged_and_the_others_still_made(self) -> None:
+        clock = Clock()
+        made: list[int] = []
+        at_turn_end(clock, lambda: 1 / 0)  # type: ignore[arg-type,return-value]
+        at_turn_end(clock, lambda: made.append(1))
+        with capturedLogs() as events:
+            clock.advance(0)
+        self.assertEqual(made, [1])
+        self.assertEqual([e["log_format"] for e in events], ["error at the end of a reactor turn"])
+        self.assertTrue(events[0]["log_failure"].check(ZeroDivisionError))
+        self.flushLoggedErrors(ZeroDivisionError)
 
 
 class TokenBucketTests(SynchronousTestCase):
