@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -35,6 +36,7 @@ from sockproto.limits import (
     FailureDelays,
     OutputBuffer,
     TokenBucket,
+    at_turn_end,
     peer_of,
 )
 from sockproto.listening import Listener, stream_listener
@@ -112,7 +114,13 @@ class Room:
         self.history: deque[bytes] = deque(maxlen=history)
         self.closing = False  # the server stops: everyone leaves, no one is told
         self._guests = 0
-        self._outgoing: deque[tuple[bytes, Any]] = deque()
+        # Lines not sent yet: (number, line, who said it); see batch().
+        self._outgoing: deque[tuple[int, bytes, Any]] = deque()
+        self._numbered = 0
+        # Members who joined while lines were waiting: the number of the first
+        # line they are to get (they had the earlier ones in the history).
+        self._joined_since: dict[Any, int] = {}
+        self._batches = 0
         self._delivering = False
 
     def __contains__(self, member: Any) -> bool:
@@ -137,6 +145,8 @@ class Room:
 
     def join(self, member: Any) -> None:
         self.deliver(notice(f"{member.nick} joined"))
+        if self._outgoing:
+            self._joined_since[member] = self._numbered + 1
         self.members[member.nick.lower()] = member
 
     def leave(self, member: Any, reason: str) -> None:
@@ -163,23 +173,61 @@ class Room:
         self.deliver(line, sender)
 
     def deliver(self, line: bytes, sender: Any = None) -> None:
-        """Send ``line`` to every member but ``sender``.
+        """Send ``line`` to every member but ``sender``: now, or when the
+        batch open ends.
 
         Sending can make a member leave (too slow), and leaving is announced:
-        such lines queue behind the current one instead of nesting.
+        such lines queue behind the current ones instead of nesting.
         """
-        self._outgoing.append((line, sender))
-        if self._delivering:
-            return
+        self._numbered += 1
+        self._outgoing.append((self._numbered, line, sender))
+        if not self._batches and not self._delivering:
+            self._send_outgoing()
+
+    def hold(self) -> None:
+        """Keep what is delivered from now on until :meth:`release`, then send
+        each member all of it at once: one write per member for every line
+        of a reactor turn, not one per line per member (the fan-out is what a
+        room costs)."""
+        self._batches += 1
+
+    def release(self) -> None:
+        self._batches -= 1
+        if not self._batches and not self._delivering:
+            self._send_outgoing()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """:meth:`hold` for the lines of one block."""
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def _send_outgoing(self) -> None:
         self._delivering = True
         try:
             while self._outgoing:
-                data, source = self._outgoing.popleft()
-                for member in list(self.members.values()):
-                    if member is not source:
-                        member.send(data)
+                lines = list(self._outgoing)
+                self._outgoing.clear()
+                self._send_lines(lines)
+            self._joined_since.clear()
         finally:
             self._delivering = False
+
+    def _send_lines(self, lines: list[tuple[int, bytes, Any]]) -> None:
+        senders = {id(sender) for _, _, sender in lines}
+        everything = lines[0][1] if len(lines) == 1 else b"".join(line for _, line, _ in lines)
+        joined_since = self._joined_since
+        for member in list(self.members.values()):
+            if id(member) not in senders and member not in joined_since:
+                member.send(everything)
+                continue
+            first = joined_since.get(member, 0)
+            own = b"".join(line for number, line, sender in lines if sender is not member and number >= first)
+            if own:
+                member.send(own)
 
 
 class ChatProtocol(BoundedLineReceiver):
@@ -222,6 +270,7 @@ class ChatProtocol(BoundedLineReceiver):
     def dataReceived(self, data: bytes) -> None:
         if self._leaving or self._overlong is not None:
             return
+        self.factory.hold_for_turn()
         lines = (self._buffer + data).split(b"\n") if self._buffer else data.split(b"\n")
         self._buffer = lines.pop()
         limit = self.MAX_LENGTH
@@ -250,8 +299,9 @@ class ChatProtocol(BoundedLineReceiver):
     def _work(self) -> None:
         """Handle the waiting lines unless held, then what ends the input."""
         lines = self._lines
-        while lines and not self._holds and not self._leaving:
-            self.lineReceived(lines.popleft())
+        with self.room.batch():
+            while lines and not self._holds and not self._leaving:
+                self.lineReceived(lines.popleft())
         if lines or self._holds or self._leaving:
             return
         if self._overlong is not None:
@@ -549,6 +599,19 @@ class ChatFactory(Factory):
         self.checkers = [c for c in checkers if IUsernamePassword in c.credentialInterfaces]
         self.room = Room(settings.history)
         self.login_delays = FailureDelays(settings.login_delay, LOGIN_DELAY_CAP, clock.seconds)
+        self._holding = False
+
+    def hold_for_turn(self) -> None:
+        """What is said in this reactor turn goes out when the turn ends:
+        with many clients talking, each member gets one write a turn."""
+        if not self._holding:
+            self._holding = True
+            self.room.hold()
+            at_turn_end(self.clock, self._turn_over)
+
+    def _turn_over(self) -> None:
+        self._holding = False
+        self.room.release()
 
     def buildProtocol(self, addr: Any) -> ChatProtocol:
         protocol = ChatProtocol()

@@ -123,6 +123,48 @@ class RoomTests(SynchronousTestCase):
         self.room.act(self.b, "waves")
         self.assertEqual(list(self.room.history), [b"<a> line 3\r\n", b"<a> line 4\r\n", b"* b waves\r\n"])
 
+    def test_held_lines_go_out_together_in_order(self) -> None:
+        for member in (self.a, self.b, self.c):
+            member.got.clear()
+        self.room.hold()
+        self.room.say(self.a, "one")
+        self.room.say(self.b, "two")
+        self.room.act(self.a, "three")
+        self.assertEqual((self.a.got, self.b.got, self.c.got), ([], [], []))
+        self.room.release()
+        # one write each, in the order said, never a member's own lines
+        self.assertEqual(self.c.got, [b"<a> one\r\n<b> two\r\n* a three\r\n"])
+        self.assertEqual(self.a.got, [b"<b> two\r\n"])
+        self.assertEqual(self.b.got, [b"<a> one\r\n* a three\r\n"])
+
+    def test_nested_holds_release_once(self) -> None:
+        self.a.got.clear()
+        self.room.hold()
+        with self.room.batch():
+            self.room.say(self.b, "x")
+        self.assertEqual(self.a.got, [])
+        self.room.release()
+        self.assertEqual(self.a.got, [b"<b> x\r\n"])
+
+    def test_joining_while_lines_wait_gets_only_later_ones(self) -> None:
+        self.room.hold()
+        self.room.say(self.a, "before")  # in the history the newcomer is shown
+        d = Member("d")
+        self.room.join(d)
+        self.room.say(self.b, "after")
+        self.room.release()
+        self.assertEqual(d.got, [b"<b> after\r\n"])
+        self.assertEqual(self.c.got[-1], b"<a> before\r\n*** d joined\r\n<b> after\r\n")
+
+    def test_leaving_while_lines_wait_gets_none_of_them(self) -> None:
+        self.b.got.clear()
+        self.room.hold()
+        self.room.say(self.a, "bye b")
+        self.room.leave(self.b, "quit")
+        self.room.release()
+        self.assertEqual(self.b.got, [])
+        self.assertEqual(self.c.got[-1], b"<a> bye b\r\n*** b left (quit)\r\n")
+
     def test_leaving_while_delivering_does_not_nest(self) -> None:
         room = chat.Room(history=0)
         first, slow, last = Member("first"), Quitter("slow", room), Member("last")
@@ -142,9 +184,10 @@ PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 class Client:
     """One connection: lines in, lines out."""
 
-    def __init__(self, protocol: Any, transport: StringTransport) -> None:
+    def __init__(self, protocol: Any, transport: StringTransport, clock: Clock) -> None:
         self.protocol = protocol
         self.transport = transport
+        self.clock = clock
         self.seen = 0
 
     @property
@@ -154,6 +197,7 @@ class Client:
     def send(self, *lines: str | bytes) -> None:
         for line in lines:
             self.protocol.dataReceived(line.encode() + b"\n" if isinstance(line, str) else line)
+            self.clock.advance(0)  # the reactor's turn ends: what the room held goes out
 
     def received(self) -> list[str]:
         """The lines received since the last call."""
@@ -193,7 +237,7 @@ class ChatTestCase(SynchronousTestCase):
         protocol = self.factory.buildProtocol(peer)
         transport = StringTransport(peerAddress=peer)
         protocol.makeConnection(transport)
-        return Client(protocol, transport)
+        return Client(protocol, transport, self.clock)
 
     def clients(self, count: int) -> list[Client]:
         made = [self.connect() for _ in range(count)]
@@ -224,6 +268,20 @@ class JoinAndTalkTests(ChatTestCase):
         self.assertEqual(c.received(), expected)
         self.assertEqual(b.received(), [])
         self.assertEqual(self.stats.handled, 4)
+
+    def test_what_a_turn_brings_goes_out_once_it_ends(self) -> None:
+        a, b, c = self.clients(3)
+        # Two reads in one reactor turn: nothing goes out until the turn ends,
+        # then each client gets the turn's lines in one write.
+        writes: list[bytes] = []
+        a.transport.write = writes.append  # type: ignore[method-assign]
+        b.protocol.dataReceived(b"one\n")
+        c.protocol.dataReceived(b"two\nthree\n")
+        self.assertEqual(writes, [])
+        self.clock.advance(0)
+        self.assertEqual(writes, [b"<guest2> one\r\n<guest3> two\r\n<guest3> three\r\n"])
+        self.assertEqual(b.received(), ["<guest3> two", "<guest3> three"])
+        self.assertEqual(c.received(), ["<guest2> one"])
 
     def test_empty_lines_are_not_relayed(self) -> None:
         a, b = self.clients(2)

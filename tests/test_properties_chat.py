@@ -109,14 +109,18 @@ class Client:
             self.spy_on_relays(room, self.protocol)
 
     def spy_on_relays(self, room: Room, protocol: chat.ChatProtocol) -> None:
-        """Check each line the room hands this client: no relay of its own."""
-        chat_room, send = room.chat.room, protocol.send
+        """Check each line the room hands this client: no relay of its own.
+
+        Lines go out when the reactor turn ends, and by then the speaker may
+        have left or changed its name: who spoke is looked up in what was
+        said (a nick speaks through one client at a time)."""
+        speakers, send = room.speakers, protocol.send
 
         def checked(data: bytes) -> None:
             for line in data.decode("utf-8").split("\r\n"):
                 match = RELAYED.match(line)
                 if match:
-                    sender = chat_room.members.get((match[1] or match[2]).lower())
+                    sender = speakers.get((match[1] or match[2]).lower())
                     assert sender is not None, f"relayed from no one: {line!r}"
                     assert sender is not protocol, f"echoed to its sender: {line!r}"
             send(data)
@@ -150,10 +154,20 @@ class Room:
             idle_timeout=30.0,
         )
         self.chat = chat.ChatFactory(settings, self.stats, self.clock, checkers)
+        self.speakers: dict[str, Any] = {}  # nick -> the client that last spoke under it
+        for name in ("say", "act"):
+            self.spy_on_speakers(getattr(self.chat.room, name), name)
         policy = ConnectionPolicy(max_clients=4, overflow_message=chat.OVERFLOW_MESSAGE, idle_timeout=30.0)
         self.factory = GuardedFactory(self.chat, policy, self.stats, self.clock)
         self.port = 40000
         self.clients: list[Client] = []
+
+    def spy_on_speakers(self, speak: Any, name: str) -> None:
+        def spoken(member: Any, text: str) -> None:
+            self.speakers[member.nick.lower()] = member
+            speak(member, text)
+
+        setattr(self.chat.room, name, spoken)
 
     def join(self, host: str) -> None:
         self.clients.append(Client(self, host))
@@ -172,6 +186,7 @@ class Room:
             raise AssertionError("a client held back for good")
         if client.open:
             client.guard.dataReceived(data)
+            self.clock.advance(0)  # the reactor's turn ends: what the room held goes out
 
     def reap(self) -> None:
         """The reactor's part: a closing connection is soon lost."""
