@@ -17,10 +17,10 @@
  *       CLIENTS connect to a chat room; SENDERS of them each keep WINDOW lines
  *       in flight (as seen by one observing client); NONREADER (0/1) adds one
  *       client that never reads.  Reports deliveries/s and delivery latency.
- *   loadgen serve PORT [udp]
- *       A C strip server (LF -> NUL, whitespace dropped), or with "udp" a C
- *       daytime-style UDP responder: the references that show how fast the
- *       generator itself can go.
+ *   loadgen serve PORT [udp|chat]
+ *       A C strip server (LF -> NUL, whitespace dropped), with "udp" a C
+ *       daytime-style UDP responder, with "chat" a C chat room: the
+ *       references that show how fast the generator itself can go.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -424,21 +424,33 @@ static void chat_fill(chat_t *ch, int i, uint64_t t) {
     }
 }
 
+/* A decimal number at *p, moving *p past it; -1 when there is none. */
+static int parse_number(const char **p, const char *end, unsigned long long *value) {
+    const char *q = *p;
+    unsigned long long v = 0;
+    while (q < end && *q == ' ') q++;
+    const char *digits = q;
+    while (q < end && *q >= '0' && *q <= '9') v = v * 10 + (unsigned long long)(*q++ - '0');
+    if (q == digits) return -1;
+    *p = q;
+    *value = v;
+    return 0;
+}
+
+/* Parsed by hand: sscanf cost the generator more than the server's work. */
 static void chat_line(chat_t *ch, int reader, const char *line, size_t len, uint64_t t) {
     const char *m = memmem(line, len, "~B ", 3);
     if (!m) return;
-    unsigned run;
-    int sender;
-    unsigned long long seq, stamp;
-    char tmp[256];
-    size_t rest = len - (size_t)(m - line);
-    if (rest >= sizeof tmp) rest = sizeof tmp - 1;
-    memcpy(tmp, m, rest);
-    tmp[rest] = 0;
-    if (sscanf(tmp, "~B %u %d %llu %llu", &run, &sender, &seq, &stamp) != 4) {
-        ch->errors++;
-        return;
-    }
+    const char *p = m + 3, *end = line + len;
+    unsigned long long fields[4];
+    for (int f = 0; f < 4; f++)
+        if (parse_number(&p, end, &fields[f]) < 0) {
+            ch->errors++;
+            return;
+        }
+    unsigned run = (unsigned)fields[0];
+    int sender = fields[1] > (unsigned long long)ch->senders ? -1 : (int)fields[1];
+    unsigned long long seq = fields[2], stamp = fields[3];
     if (run != ch->run || sender < 0 || sender >= ch->senders) return; /* history from an earlier run */
     if (t >= ch->measure_from && t < ch->end) {
         ch->deliveries++;
@@ -644,19 +656,111 @@ static _Noreturn void run_serve_udp(const struct sockaddr_in *sa) {
     }
 }
 
-static int run_serve(int argc, char **argv) {
-    if (argc != 3 && !(argc == 4 && strcmp(argv[3], "udp") == 0)) {
-        fprintf(stderr, "usage: loadgen serve PORT [udp]\n");
-        return 2;
-    }
-    struct sockaddr_in sa = address("127.0.0.1", atoi(argv[2]));
-    if (argc == 4) run_serve_udp(&sa);
+static int listen_on(const struct sockaddr_in *sa) {
     int lfd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
     if (lfd < 0) die("socket");
     setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (bind(lfd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+    if (bind(lfd, (const struct sockaddr *)sa, sizeof *sa) < 0) die("bind");
     if (listen(lfd, 1024) < 0) die("listen");
     set_nonblocking(lfd);
+    return lfd;
+}
+
+/* A chat room: greets each client with a line, then sends every complete
+   line a client sends to all the others.  The lines of one epoll wait go
+   out together, one send per client (as sockproto does with a reactor
+   turn); output a client does not read waits in its buffer, unbounded. */
+#define SERVE_CHAT_MAX 16384
+typedef struct {
+    int fd, want_out;
+    char in[65536];
+    size_t in_len;
+    outbuf_t out;
+} room_client_t;
+
+static _Noreturn void run_serve_chat(const struct sockaddr_in *sa) {
+    static const char greeting[] = "*** welcome to the C reference room\r\n";
+    int lfd = listen_on(sa), one = 1;
+    int ep = epoll_create1(0);
+    if (ep < 0) die("epoll_create1");
+    watch(ep, lfd, EPOLLIN, UINT64_MAX, EPOLL_CTL_ADD);
+    static room_client_t *clients[SERVE_CHAT_MAX];
+    static int senders[MAX_EVENTS];
+    static size_t starts[MAX_EVENTS + 1];
+    int count = 0;
+    outbuf_t turn = {0};
+    struct epoll_event events[MAX_EVENTS];
+    for (;;) {
+        int n = epoll_wait(ep, events, MAX_EVENTS, -1);
+        if (n < 0 && errno != EINTR) die("epoll_wait");
+        int said = 0;
+        turn.len = 0;
+        for (int e = 0; e < n; e++) {
+            if (events[e].data.u64 == UINT64_MAX) {
+                int fd;
+                while ((fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+                    if (count == SERVE_CHAT_MAX) {
+                        close(fd);
+                        continue;
+                    }
+                    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                    room_client_t *k = calloc(1, sizeof *k);
+                    k->fd = fd;
+                    clients[count] = k;
+                    watch(ep, fd, EPOLLIN, (uint64_t)count, EPOLL_CTL_ADD);
+                    count++;
+                    out_append(&k->out, greeting, sizeof greeting - 1);
+                    out_flush(fd, &k->out);
+                }
+                continue;
+            }
+            room_client_t *k = clients[events[e].data.u64];
+            if (!k) continue;
+            if ((events[e].events & EPOLLOUT) && out_flush(k->fd, &k->out) < 0) continue;
+            ssize_t got = recv(k->fd, k->in + k->in_len, sizeof k->in - k->in_len, 0);
+            if (got <= 0) continue; /* a closed client stays until the run ends */
+            k->in_len += (size_t)got;
+            char *last = memrchr(k->in, '\n', k->in_len);
+            if (!last) {
+                if (k->in_len == sizeof k->in) k->in_len = 0; /* an over-long line: dropped */
+                continue;
+            }
+            size_t whole = (size_t)(last - k->in) + 1;
+            senders[said] = (int)events[e].data.u64;
+            starts[said++] = turn.len;
+            out_append(&turn, k->in, whole);
+            memmove(k->in, k->in + whole, k->in_len - whole);
+            k->in_len -= whole;
+        }
+        starts[said] = turn.len;
+        for (int i = 0; said && i < count; i++) {
+            room_client_t *k = clients[i];
+            int own = 0;
+            for (int j = 0; j < said; j++) own |= senders[j] == i;
+            if (!own)
+                out_append(&k->out, turn.data, turn.len);
+            else
+                for (int j = 0; j < said; j++)
+                    if (senders[j] != i) out_append(&k->out, turn.data + starts[j], starts[j + 1] - starts[j]);
+            out_flush(k->fd, &k->out);
+            if ((k->out.len > 0) != k->want_out) {
+                k->want_out = k->out.len > 0;
+                watch(ep, k->fd, EPOLLIN | (k->want_out ? EPOLLOUT : 0), (uint64_t)i, EPOLL_CTL_MOD);
+            }
+        }
+    }
+}
+
+static int run_serve(int argc, char **argv) {
+    int udp = argc == 4 && strcmp(argv[3], "udp") == 0, chat = argc == 4 && strcmp(argv[3], "chat") == 0;
+    if (argc != 3 && !udp && !chat) {
+        fprintf(stderr, "usage: loadgen serve PORT [udp|chat]\n");
+        return 2;
+    }
+    struct sockaddr_in sa = address("127.0.0.1", atoi(argv[2]));
+    if (udp) run_serve_udp(&sa);
+    if (chat) run_serve_chat(&sa);
+    int lfd = listen_on(&sa), one = 1;
     int ep = epoll_create1(0);
     if (ep < 0) die("epoll_create1");
     watch(ep, lfd, EPOLLIN, UINT64_MAX, EPOLL_CTL_ADD);

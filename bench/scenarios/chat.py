@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.harness import Context, Metric, interleaved_rounds, latencies_ms, run_loadgen, skipped
+from bench.report import C_REFERENCE
 from bench.servers import Server, start_ours, start_peer, tcp_greets
 from bench.stats import OURS, Figure
 
@@ -61,8 +62,9 @@ def run(ctx: Context) -> list[Figure]:
     ctx.setup(
         "chat",
         "sockproto runs with `--chat-max-clients 0 --chat-rate 0` (no cap, no flood control);"
-        " ncat with `--chat --max-conns 10000`."
-        + (" The quick run leaves out 1000 clients." if ctx.plan.quick else ""),
+        " ncat with `--chat --max-conns 10000`. A C room (`loadgen serve PORT chat`: the lines of one"
+        " epoll wait go to each client in one send, a non-reader's output waits unbounded) shows how"
+        " fast the generator goes." + (" The quick run leaves out 1000 clients." if ctx.plan.quick else ""),
     )
     figures: list[Figure] = []
     with ctx.servers() as stack:
@@ -75,12 +77,17 @@ def run(ctx: Context) -> list[Figure]:
         else:
             stack.callback(ours.stop)
             servers.append(ours)
+        reference = start_peer(
+            C_REFERENCE, lambda port: [str(ctx.loadgen), "serve", str(port), "chat"], ctx.work, tcp_greets
+        )
+        stack.callback(reference.stop)
         if shutil.which("ncat"):
             peer = start_peer("ncat --chat", ncat_command, ctx.work, tcp_greets)
             stack.callback(peer.stop)
             servers.append(peer)
         else:
             ctx.note("chat: ncat is not installed (scripts/bench installs it with apt-get)")
+        servers.append(reference)
 
         def measure(server: Server, case: Case) -> dict[str, Any]:
             plan = ctx.plan
