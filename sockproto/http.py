@@ -51,7 +51,7 @@ from zope.interface import implementer
 from sockproto import __version__
 from sockproto.config import HttpSettings, Settings
 from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, SafeFile, method_not_allowed
-from sockproto.limits import ConnectionPolicy, TokenBucket, peer_of
+from sockproto.limits import ConnectionPolicy, LogBudget, TokenBucket, peer_of
 from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.stats import ServiceStats, Stats
 from sockproto.text import loggable
@@ -64,8 +64,6 @@ CHUNK = 64 * 1024
 # The access log file rotates (twisted.python.logfile) so it cannot fill a disk.
 ACCESS_LOG_ROTATE = 10 * 1000 * 1000
 ACCESS_LOG_KEEP = 9
-# Seconds between the lines that sum up requests not logged one by one (as UDP).
-SUMMARY_INTERVAL = 10.0
 ROUTES = "/ /files/ /status /metrics /anything /status/CODE /delay/SECONDS /bytes/N /headers /ip"
 ANY_METHOD = None
 
@@ -740,18 +738,13 @@ class TwistdAccessLog:
 
     A line through twisted.logger's text observer costs more than answering a
     small request, and a busy server would drown the log the operator reads:
-    lines beyond ``budget`` are counted and summed up in one line per
-    ``interval`` (as the UDP service does with datagrams). ``--http-access-log
-    FILE`` gets every line.
+    lines beyond ``budget`` are counted and summed up once an interval
+    (:class:`~sockproto.limits.LogBudget`, as the UDP service does with
+    datagrams). ``--http-access-log FILE`` gets every line.
     """
 
-    def __init__(self, budget: TokenBucket | None, clock: Any, interval: float = SUMMARY_INTERVAL) -> None:
-        self.budget = budget
-        self.clock = clock
-        self.interval = interval
-        self.unlogged = 0
-        self._opened = 0.0
-        self._call: Any = None
+    def __init__(self, budget: TokenBucket | None, clock: Any) -> None:
+        self.budget = LogBudget(budget, clock, self._sum_up)
 
     def write(self, line: str) -> None:
         if self.admit():
@@ -759,33 +752,22 @@ class TwistdAccessLog:
 
     def admit(self) -> bool:
         """Whether the next line gets logged; if not, it is counted for the summary."""
-        if self.budget is None or self.budget.take():
-            return True
-        self.unlogged += 1
-        if self._call is None:
-            self._opened = self.clock.seconds()
-            self._call = self.clock.callLater(self.interval, self._sum_up)
-        return False
+        return self.budget.admit("requests")
 
     def emit(self, line: str) -> None:
         log.info("http: {access}", access=line.rstrip("\n"))
 
-    def _sum_up(self) -> None:
-        self._call = None
-        if self.unlogged:
-            log.info(
-                "http: {count} more requests in the last {seconds:.3g} s, not logged one by one"
-                " (--http-log-rate)",
-                count=self.unlogged,
-                seconds=self.clock.seconds() - self._opened,
-            )
-            self.unlogged = 0
+    def _sum_up(self, counts: dict[str, int], seconds: float) -> None:
+        log.info(
+            "http: {count} more requests in the last {seconds:.3g} s, not logged one by one"
+            " (--http-log-rate)",
+            count=counts["requests"],
+            seconds=seconds,
+        )
 
     def close(self) -> None:
         """The site stops: sum up now."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._sum_up()
+        self.budget.flush()
 
 
 class ResponderSite(server.Site):

@@ -10,11 +10,12 @@
 - :class:`TokenBucket` and :class:`BucketTable` are the rate limits.
 - :class:`OutputBuffer` bounds what waits to be sent to one slow peer.
 - :class:`FailureDelays` slows down a peer whose logins keep failing.
+- :class:`LogBudget` bounds what a flood can write to the log.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,9 @@ CLOSE_GRACE = 15.0
 # How long a stopping service lets its connections finish the work in
 # progress and take their last words before it cuts them (--shutdown-grace).
 SHUTDOWN_GRACE = 10.0
+
+# How often a LogBudget sums up the lines it did not log one by one.
+LOG_SUMMARY_INTERVAL = 10.0
 
 # Most bytes held back to be sent in one go after a read (see GuardedProtocol);
 # a transport pauses its producer only beyond its buffer size, 64 KiB too.
@@ -799,6 +803,73 @@ class OutputBuffer:
     def stopProducing(self) -> None:
         """The connection is gone."""
         self._stop(unregister=False)
+
+
+class LogBudget:
+    """Log lines one by one within a budget; count the rest and sum them up.
+
+    A busy or flooded server must not drown the log its operator reads (nor
+    spend more on formatting log lines than on the work): lines are let
+    through by a token bucket (``None``: all of them), or one of each kind per
+    interval (:meth:`first_of`); what is held back is counted by kind, and
+    ``summary(counts, seconds)`` gets the counts once at the end of the
+    interval, so the log grows by a bounded amount whatever arrives.
+    """
+
+    def __init__(
+        self,
+        bucket: TokenBucket | None,
+        clock: Any,
+        summary: Callable[[dict[str, int], float], None],
+        interval: float = LOG_SUMMARY_INTERVAL,
+    ) -> None:
+        self.bucket = bucket
+        self.clock = clock
+        self.interval = interval
+        self._summary = summary
+        self.unlogged: Counter[str] = Counter()
+        self._told: set[str] = set()  # kinds already logged once this interval
+        self._call: Any = None
+        self._opened = 0.0
+
+    def admit(self, kind: str) -> bool:
+        """Whether this line is logged; if not, it is counted for the summary."""
+        if self.bucket is None or self.bucket.take():
+            return True
+        self._count(kind)
+        return False
+
+    def first_of(self, kind: str) -> bool:
+        """Whether this is the first line of ``kind`` in the interval (logged);
+        the others are counted for the summary."""
+        if kind in self._told:
+            self._count(kind)
+            return False
+        self._told.add(kind)
+        self._open()
+        return True
+
+    def flush(self) -> None:
+        """Sum up now (the service stops)."""
+        _cancel(self._call)
+        self._close()
+
+    def _count(self, kind: str) -> None:
+        self.unlogged[kind] += 1
+        self._open()
+
+    def _open(self) -> None:
+        if self._call is None:
+            self._opened = self.clock.seconds()
+            self._call = self.clock.callLater(self.interval, self._close)
+
+    def _close(self) -> None:
+        self._call = None
+        self._told.clear()
+        if self.unlogged:
+            counts = dict(self.unlogged)
+            self.unlogged.clear()
+            self._summary(counts, self.clock.seconds() - self._opened)
 
 
 class FailureDelays:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import struct
-from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -25,7 +24,7 @@ from twisted.logger import Logger
 from sockproto import strip
 from sockproto.config import Settings
 from sockproto.endpoints import datagram_address
-from sockproto.limits import BucketTable, TokenBucket
+from sockproto.limits import BucketTable, LogBudget, TokenBucket
 from sockproto.listening import Listener
 from sockproto.stats import ServiceStats, Stats
 from sockproto.text import loggable
@@ -49,9 +48,6 @@ SMALL_SERVICE_PORTS = frozenset({0, 7, 13, 17, 19, 37})
 # Read buffer: the largest UDP payload (65507 bytes over IPv4, 65527 over IPv6).
 # Twisted reads 8192 bytes by default and silently cuts longer datagrams.
 MAX_DATAGRAM = 65535
-
-# How often the log sums up the datagrams it did not log one by one.
-SUMMARY_INTERVAL = 10.0
 
 # Datagrams that get no answer, by why (also the names in stats.limits).
 UNANSWERED = {
@@ -116,81 +112,45 @@ class DatagramLog:
     Answered datagrams are logged one by one within a budget of lines a second
     (the per-source rate limit alone would not bound a flood from many
     sources). Of the datagrams left unanswered, only the first of each kind in
-    an interval is logged. Whatever was not logged is summed up in one line at
-    the end of the interval, so the log grows by a bounded amount whatever
-    arrives.
+    an interval is logged. The rest are summed up at the end of the interval
+    (:class:`~sockproto.limits.LogBudget`).
     """
 
-    def __init__(
-        self,
-        service: str,
-        budget: TokenBucket | None,
-        clock: Any,
-        interval: float = SUMMARY_INTERVAL,
-    ) -> None:
+    def __init__(self, service: str, budget: TokenBucket | None, clock: Any) -> None:
         self.service = service
-        self.budget = budget
-        self.clock = clock
-        self.interval = interval
-        self.unlogged: Counter[str] = Counter()
-        self._told: set[str] = set()  # kinds of drop already logged this interval
-        self._call: Any = None
-        self._opened = 0.0
+        self.budget = LogBudget(budget, clock, self._sum_up)
 
     def answered(self, addr: tuple[Any, ...], datagram: bytes) -> None:
-        if self.budget is None or self.budget.take():
+        if self.budget.admit("answered"):
             log.info(
                 "{service}: {peer},{payload}",
                 service=self.service,
                 peer=format_peer(addr),
                 payload=loggable(datagram),
             )
-        else:
-            self._count("answered")
 
     def unanswered(self, kind: str, addr: tuple[Any, ...], datagram: bytes, why: str) -> None:
-        if kind in self._told:
-            self._count(kind)
-            return
-        self._told.add(kind)
-        self._open()
-        log.info(
-            "{service}: {peer},{payload} not answered: {why}",
-            service=self.service,
-            peer=format_peer(addr),
-            payload=loggable(datagram),
-            why=why,
-            kind=kind,
-        )
+        if self.budget.first_of(kind):
+            log.info(
+                "{service}: {peer},{payload} not answered: {why}",
+                service=self.service,
+                peer=format_peer(addr),
+                payload=loggable(datagram),
+                why=why,
+                kind=kind,
+            )
 
     def flush(self) -> None:
         """Sum up now (the service stops)."""
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._close()
+        self.budget.flush()
 
-    def _count(self, kind: str) -> None:
-        self.unlogged[kind] += 1
-        self._open()
-
-    def _open(self) -> None:
-        if self._call is None:
-            self._opened = self.clock.seconds()
-            self._call = self.clock.callLater(self.interval, self._close)
-
-    def _close(self) -> None:
-        self._call = None
-        self._told.clear()
-        if not self.unlogged:
-            return
-        counts = dict(self.unlogged)
-        self.unlogged.clear()
+    def _sum_up(self, counts: dict[str, int], seconds: float) -> None:
         labels = {"answered": "answered", **UNANSWERED}
         log.info(
             "{service}: {total} more datagrams in the last {seconds:.3g} s, not logged one by one: {parts}",
             service=self.service,
             total=sum(counts.values()),
-            seconds=self.clock.seconds() - self._opened,
+            seconds=seconds,
             parts=", ".join(f"{count} {labels[kind]}" for kind, count in counts.items()),
             counts=counts,
         )

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import __version__, http
 from sockproto.config import HttpSettings
-from sockproto.limits import ConnectionPolicy, GuardedFactory
+from sockproto.limits import LOG_SUMMARY_INTERVAL, ConnectionPolicy, GuardedFactory
 from sockproto.stats import Stats
 from tests.support import temp_dir
 
@@ -482,14 +482,14 @@ class AccessLogTests(SynchronousTestCase):
             for _ in range(10):
                 connection.request("/")
             self.assertEqual(len([m for m in messages(events) if "GET / " in m]), 3)
-            harness.clock.advance(http.SUMMARY_INTERVAL)
+            harness.clock.advance(LOG_SUMMARY_INTERVAL)
         self.assertEqual(
             messages(events)[-1],
             "http: 7 more requests in the last 10 s, not logged one by one (--http-log-rate)",
         )
         with capturedLogs() as events:
             connection.request("/ip")  # the bucket filled up again meanwhile
-            harness.clock.advance(http.SUMMARY_INTERVAL)
+            harness.clock.advance(LOG_SUMMARY_INTERVAL)
         self.assertEqual(len(messages(events)), 1)
         self.assertIn("GET /ip", messages(events)[0])
 
@@ -515,7 +515,9 @@ class AccessLogTests(SynchronousTestCase):
             for _ in range(300):
                 connection.request("/")
         self.assertEqual(len([m for m in messages(events) if "GET / " in m]), 300)
-        self.assertEqual((harness.site.logFile.unlogged, harness.site.logFile._call), (0, None))
+        self.assertEqual(
+            (harness.site.logFile.budget.unlogged, harness.site.logFile.budget._call), ({}, None)
+        )
 
     def test_stopping_sums_up_at_once(self) -> None:
         harness = Harness(self, log_rate=(1.0, 1.0))

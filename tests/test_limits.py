@@ -21,9 +21,11 @@ from zope.interface import implementer
 
 from sockproto.limits import (
     HOLD_LIMIT,
+    LOG_SUMMARY_INTERVAL,
     BucketTable,
     ConnectionPolicy,
     GuardedFactory,
+    LogBudget,
     TokenBucket,
     at_turn_end,
 )
@@ -422,6 +424,46 @@ class TurnEndTests(SynchronousTestCase):
         self.assertEqual([e["log_format"] for e in events], ["error at the end of a reactor turn"])
         self.assertTrue(events[0]["log_failure"].check(ZeroDivisionError))
         self.flushLoggedErrors(ZeroDivisionError)
+
+
+class LogBudgetTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.summaries: list[tuple[dict[str, int], float]] = []
+
+        def summary(counts: dict[str, int], seconds: float) -> None:
+            self.summaries.append((counts, seconds))
+
+        self.budget = LogBudget(TokenBucket(1, 3, self.clock.seconds), self.clock, summary)
+
+    def test_within_the_budget_then_counted_and_summed_up_once(self) -> None:
+        self.assertEqual([self.budget.admit("a") for _ in range(5)], [True, True, True, False, False])
+        self.clock.advance(1)
+        self.assertEqual([self.budget.admit("b"), self.budget.admit("b")], [True, False])  # a token came back
+        self.assertEqual(self.summaries, [])
+        self.clock.advance(LOG_SUMMARY_INTERVAL - 1)
+        self.assertEqual(self.summaries, [({"a": 2, "b": 1}, LOG_SUMMARY_INTERVAL)])
+        self.clock.advance(LOG_SUMMARY_INTERVAL * 3)  # nothing held back: no line, no timer
+        self.assertEqual((len(self.summaries), self.clock.getDelayedCalls()), (1, []))
+
+    def test_first_of_each_kind_per_interval(self) -> None:
+        self.assertEqual([self.budget.first_of("x") for _ in range(3)], [True, False, False])
+        self.assertTrue(self.budget.first_of("y"))
+        self.clock.advance(LOG_SUMMARY_INTERVAL)
+        self.assertEqual(self.summaries, [({"x": 2}, LOG_SUMMARY_INTERVAL)])
+        self.assertTrue(self.budget.first_of("x"))  # a new interval
+
+    def test_flush_sums_up_now(self) -> None:
+        for _ in range(4):
+            self.budget.admit("a")
+        self.clock.advance(1)
+        self.budget.flush()
+        self.assertEqual((self.summaries, self.clock.getDelayedCalls()), ([({"a": 1}, 1.0)], []))
+
+    def test_no_bucket_logs_everything(self) -> None:
+        budget = LogBudget(None, self.clock, lambda counts, seconds: None)
+        self.assertTrue(all(budget.admit("a") for _ in range(1000)))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class TokenBucketTests(SynchronousTestCase):

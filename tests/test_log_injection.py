@@ -33,7 +33,7 @@ from twisted.logger import Logger, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import strip, udp
-from sockproto.limits import ConnectionPolicy, GuardedFactory, peer_of
+from sockproto.limits import LOG_SUMMARY_INTERVAL, ConnectionPolicy, GuardedFactory, peer_of
 from sockproto.stats import ServiceStats
 from sockproto.text import loggable
 from tests.support import ALL_OFF, Suite, recv_all, temp_dir
@@ -159,7 +159,7 @@ class UdpLogTests(SynchronousTestCase):
             protocol.datagramReceived(payload, ("127.0.0.1", source_port))
         transport.error = OSError(errno.EPERM, "Operation not permitted")
         protocol.datagramReceived(payload, ("10.0.0.1", 40000))  # send failed (unless no-amplify)
-        clock.advance(udp.SUMMARY_INTERVAL)
+        clock.advance(LOG_SUMMARY_INTERVAL)
         texts = Lines(self, events).check()
         self.assertTrue(any(loggable(payload) in text for text in texts), texts)
 

@@ -22,6 +22,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import udp
+from sockproto.limits import LOG_SUMMARY_INTERVAL
 from sockproto.stats import ServiceStats
 from tests.test_udp import NOW, FakeDatagramTransport
 
@@ -108,7 +109,7 @@ class UdpPropertyTests(SynchronousTestCase):
         elapsed = clock.seconds() - NOW
         # One line per answer within the log budget, one per kind of drop per
         # interval, one summary per interval, the start line: bounded by time.
-        intervals = elapsed / udp.SUMMARY_INTERVAL + 2
+        intervals = elapsed / LOG_SUMMARY_INTERVAL + 2
         bound = LOG_BURST + LOG_RATE * elapsed + (len(udp.UNANSWERED) + 1) * intervals + 1
         self.assertLessEqual(len(events), bound)
         for logged in events:

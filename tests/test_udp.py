@@ -16,6 +16,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import config, strip, udp
+from sockproto.limits import LOG_SUMMARY_INTERVAL
 from sockproto.listening import Listener
 from sockproto.stats import ServiceStats, Stats
 
@@ -248,9 +249,9 @@ class LoopProtectionTests(ResponderTestCase):
         self.assertEqual(self.stats.limits["loop_protection"], 7)
         reasons = [x.split("not answered: ")[1] for x in self.log_lines() if "not answered" in x]
         self.assertEqual(reasons, ["source port 0 cannot be answered"])  # one line per kind and interval
-        self.clock.advance(udp.SUMMARY_INTERVAL)
+        self.clock.advance(LOG_SUMMARY_INTERVAL)
         self.send(b"x", ("127.0.0.1", 13))
-        self.clock.advance(udp.SUMMARY_INTERVAL)
+        self.clock.advance(LOG_SUMMARY_INTERVAL)
         self.send(b"x", ("127.0.0.1", 9002))
         reasons = [x.split("not answered: ")[1] for x in self.log_lines() if "not answered" in x]
         self.assertEqual(
@@ -331,7 +332,7 @@ class FloodLogTests(ResponderTestCase):
         self.send(b"x", count=3000)
         self.assertEqual(len(self.events), 40 + 1)  # 40 answers, then the first drop
         self.assertIn("not answered: over 20 answers/s (burst 40) for this address", self.log_lines()[-1])
-        self.clock.advance(udp.SUMMARY_INTERVAL)
+        self.clock.advance(LOG_SUMMARY_INTERVAL)
         self.assertEqual(
             self.log_lines()[-1],
             "udp: 2959 more datagrams in the last 10 s, not logged one by one: 2959 over the rate limit",
@@ -344,7 +345,7 @@ class FloodLogTests(ResponderTestCase):
             self.protocol.datagramReceived(b"x", (f"10.0.{n >> 8}.{n & 255}", 5000))
         self.assertEqual(len(self.transport.sent), 10000)
         self.assertEqual(len(self.events), 100)  # the log budget's burst
-        self.clock.advance(udp.SUMMARY_INTERVAL)
+        self.clock.advance(LOG_SUMMARY_INTERVAL)
         self.assertIn("9900 answered", self.log_lines()[-1])
 
     def test_budget_refills(self) -> None:
