@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -346,9 +347,12 @@ class DeliverTests(SynchronousTestCase):
         message = self.root / "message.eml"
         message.write_bytes(b"Subject: cli\n\nbody\n")
         maildir_root = self.root / "boxes"
-        self.assertEqual(main(["deliver", "--maildir", str(maildir_root), "carol", str(message)]), 0)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            self.assertEqual(main(["deliver", "--maildir", str(maildir_root), "carol", str(message)]), 0)
         (delivered,) = (maildir_root / "carol" / "new").iterdir()
         self.assertEqual(delivered.read_bytes(), b"Subject: cli\n\nbody\n")
+        self.assertEqual(printed.getvalue(), f"{delivered}\n")  # the new file's path, for scripts
 
     def test_deliver_command_from_stdin_with_the_servers_default_root(self) -> None:
         # No --maildir: [pop3] maildir from ./sockproto.toml, like the server.
