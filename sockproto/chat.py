@@ -628,7 +628,10 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     checkers = auth.checkers(settings) if chat.auth else []
     factory = ChatFactory(chat, service_stats, reactor, checkers)
     policy = ConnectionPolicy(
-        max_clients=chat.max_clients, overflow_message=OVERFLOW_MESSAGE, idle_timeout=chat.idle_timeout
+        max_clients=chat.max_clients,
+        overflow_message=OVERFLOW_MESSAGE,
+        idle_timeout=chat.idle_timeout,
+        refusal_log_rate=settings.suite.refusal_log_rate,
     )
     return stream_listener(
         "chat", chat.port, settings.suite.interface, factory, policy, service_stats, reactor

@@ -54,6 +54,12 @@ class SuiteSettings:
         checks.workers,
         "Processes serving strip and HTTP: the main one and N-1 workers sharing its listening sockets.",
     )
+    refusal_log_rate: tuple[float, float] = option(
+        (5.0, 10.0),
+        checks.rate,
+        "Connections refused over a --max-clients cap logged one line each per second, RATE[/BURST]; "
+        "the rest are summed up (0: all).",
+    )
 
 
 @dataclass(frozen=True)

@@ -855,7 +855,11 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     if settings.http.port == "off":
         return None
     service_stats = stats.service("http", "requests")
-    policy = ConnectionPolicy(max_clients=settings.http.max_clients, overflow_message=OVERFLOW)
+    policy = ConnectionPolicy(
+        max_clients=settings.http.max_clients,
+        overflow_message=OVERFLOW,
+        refusal_log_rate=settings.suite.refusal_log_rate,
+    )
     site = build_site(settings.http, stats, service_stats, reactor)
     return stream_listener(
         "http", settings.http.port, settings.suite.interface, site, policy, service_stats, reactor

@@ -76,6 +76,8 @@ class ConnectionPolicy:
     max_clients: int = 0
     overflow_message: bytes = b"too many users\r\n"
     idle_timeout: float = 0.0
+    # Refusals over the cap logged one by one a second (see LogBudget); 0: every one.
+    refusal_log_rate: tuple[float, float] = (0.0, 0.0)
 
 
 class OverflowProtocol(Protocol):
@@ -89,12 +91,13 @@ class OverflowProtocol(Protocol):
     def connectionMade(self) -> None:
         factory = self.factory
         factory.stats.limit_hit("max_clients")
-        log.info(
-            "{service}: refused {peer}: too many clients (max {limit})",
-            service=factory.stats.name,
-            peer=peer_of(self.transport),
-            limit=factory.policy.max_clients,
-        )
+        if factory.refusals.admit("refused"):
+            log.info(
+                "{service}: refused {peer}: too many clients (max {limit})",
+                service=factory.stats.name,
+                peer=peer_of(self.transport),
+                limit=factory.policy.max_clients,
+            )
         self.transport.write(factory.policy.overflow_message)
         close_gently(self.transport, factory.clock, self)
 
@@ -436,6 +439,20 @@ class GuardedFactory(WrappingFactory):
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock: Any = clock
+        rate, burst = policy.refusal_log_rate
+        bucket = TokenBucket(rate, burst, clock.seconds) if rate else None
+        # A flood of connections over the cap must not flood the log.
+        self.refusals = LogBudget(bucket, clock, self._sum_up_refusals)
+
+    def _sum_up_refusals(self, counts: dict[str, int], seconds: float) -> None:
+        log.info(
+            "{service}: {count} more connections refused in the last {seconds:.3g} s: too many clients"
+            " (max {limit}); not logged one by one (--refusal-log-rate)",
+            service=self.stats.name,
+            count=counts["refused"],
+            seconds=seconds,
+            limit=self.policy.max_clients,
+        )
 
     def buildProtocol(self, addr: Any) -> Any:
         if self.policy.max_clients and len(self.protocols) >= self.policy.max_clients:

@@ -135,7 +135,9 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         return None  # and no stats: /status lists running services only
     service_stats = stats.service("strip", "lines")
     policy = ConnectionPolicy(
-        max_clients=settings.strip.max_clients, idle_timeout=settings.strip.idle_timeout
+        max_clients=settings.strip.max_clients,
+        idle_timeout=settings.strip.idle_timeout,
+        refusal_log_rate=settings.suite.refusal_log_rate,
     )
     factory = StripFactory(settings.strip.max_line, service_stats)
     return stream_listener(

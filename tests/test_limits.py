@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -89,6 +89,26 @@ class GuardedFactoryTests(SynchronousTestCase):
             factory.buildProtocol(PEER).makeConnection(StringTransport())
         self.assertEqual(stats.current, 50)
         self.assertEqual(stats.limits["max_clients"], 0)
+
+    def test_refusals_logged_within_a_budget_then_summed_up(self) -> None:
+        factory, stats, clock = guarded(max_clients=1, refusal_log_rate=(1.0, 2.0))
+        factory.buildProtocol(PEER).makeConnection(StringTransport())
+        with capturedLogs() as events:
+            for _ in range(5):
+                refused = factory.buildProtocol(PEER)
+                transport = StringTransport()
+                refused.makeConnection(transport)
+                self.assertEqual(transport.value(), b"too many users\r\n")  # each one is still told
+            clock.advance(LOG_SUMMARY_INTERVAL)
+        lines = [formatEvent(event) for event in events]
+        self.assertEqual(stats.limits["max_clients"], 5)
+        self.assertEqual(lines[:2], ["test: refused 192.168.1.1:54321: too many clients (max 1)"] * 2)
+        self.assertEqual(len(lines), 3)
+        self.assertEqual(
+            lines[2],
+            "test: 3 more connections refused in the last 10 s: too many clients (max 1);"
+            " not logged one by one (--refusal-log-rate)",
+        )
 
     def test_overflow_message_is_configurable(self) -> None:
         factory, _, _ = guarded(max_clients=1, overflow_message=b"-ERR [SYS/TEMP] busy\r\n")
