@@ -47,7 +47,7 @@ SHUTDOWN_GRACE = 10.0
 # How often a LogBudget sums up the lines it did not log one by one.
 LOG_SUMMARY_INTERVAL = 10.0
 
-# Most bytes held back to be sent in one go after a read (see GuardedProtocol);
+# Most bytes held back to be sent in one go as a reactor turn ends (see GuardedProtocol);
 # a transport pauses its producer only beyond its buffer size, 64 KiB too.
 HOLD_LIMIT = 64 * 1024
 
@@ -117,14 +117,13 @@ class GuardedProtocol(ProtocolWrapper):
     - The idle timer is lazy: a read only notes the time, and one timer checks
       it when it comes due (resetting a DelayedCall on every chunk costs more
       than the rest of a small read).
-    - What the wrapped protocol writes while it handles a read is sent at once
-      when the read is handled, in one send() if the socket takes it all: a
-      transport only buffers writes and sends them the next time round the
-      reactor loop, which costs a poll and two epoll_ctl calls per answer.
-    - What it is sent outside its own reads (a chat line from another client,
-      a timer's answer) is held until the reactor has handled every event of
-      this turn, then sent the same way: a chat room's lines to one client
-      leave in one send() per turn, not one transport write per line.
+    - What the wrapped protocol writes is held until the reactor has handled
+      every event of this turn (:func:`at_turn_end`), then sent in one send()
+      if the socket takes it all. A transport only buffers writes and sends
+      them the next time round the reactor loop, which costs a poll and two
+      epoll_ctl calls per answer; and answering every read of a turn before
+      the next poll lets a busy server's peers (100 clients, a chat room's
+      lines to each of them) work in batches too.
     """
 
     factory: GuardedFactory
@@ -132,7 +131,7 @@ class GuardedProtocol(ProtocolWrapper):
     _idle_call: Any = None
     _idle_timeout = 0.0
     _last_read = 0.0
-    # Writes held while the wrapped protocol handles a read (None: not in one).
+    # Writes held until the end of the reactor turn (None: nothing held).
     _held: list[bytes] | None = None
     _held_size = 0
     # The real transport, when it is a plain TCP connection that can be sent to
@@ -155,7 +154,7 @@ class GuardedProtocol(ProtocolWrapper):
         factory = self.factory
         self._stats = factory.stats
         self._clock = factory.clock
-        self._turn_end = turn_end(factory.clock)
+        self._turn_end = factory.turn_end
         self._direct = transport if _can_write_directly(transport) else None
         factory.registerProtocol(self)
         if factory.policy.idle_timeout:
@@ -168,18 +167,7 @@ class GuardedProtocol(ProtocolWrapper):
         self._stats.bytes_in += len(data)
         if self._idle_timeout:
             self._last_read = self._clock.seconds()
-        if self._held is not None or self._direct is None:
-            self.wrappedProtocol.dataReceived(data)
-            return
-        self._held = held = []
-        self._held_size = 0
-        try:
-            self.wrappedProtocol.dataReceived(data)
-        finally:
-            if self._held is held:
-                self._held = None
-            if held:
-                self._send(held)
+        self.wrappedProtocol.dataReceived(data)
 
     def _holding(self) -> list[bytes] | None:
         """Where a write goes: the writes held so far, a new hold until the end
@@ -439,6 +427,8 @@ class GuardedFactory(WrappingFactory):
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock: Any = clock
+        # Before any connection: a reactor's polls are wrapped from the start.
+        self.turn_end = turn_end(clock)
         rate, burst = policy.refusal_log_rate
         bucket = TokenBucket(rate, burst, clock.seconds) if rate else None
         # A flood of connections over the cap must not flood the log.
@@ -525,25 +515,48 @@ class GuardedFactory(WrappingFactory):
 class _TurnEnd:
     """Calls made once the reactor has handled every event of this turn.
 
-    A call due now (``callLater(0)``) runs right after the events of the
-    current poll are handled; calls added while these run (a chat room's
-    lines, then the writes they hold) run in the same pass, so nothing waits
-    for another poll.
+    Twisted has no hook for "the events of this poll are handled", so the
+    reactor's ``doIteration`` (one poll and its events) is wrapped, once:
+    calls added while it handles events run as it returns. Calls added
+    elsewhere (a timer's writes) are made by a call due now, ``callLater(0)``,
+    which also keeps the next poll from waiting. Calls added while these run
+    (a chat room's lines, then the writes they hold) run in the same pass. A
+    clock without ``doIteration`` (another reactor, a test's Clock) gets the
+    ``callLater(0)`` path for all of them.
     """
 
     running = False  # making the calls now
+    _polling = False  # inside the wrapped doIteration
 
     def __init__(self, clock: Any) -> None:
         self._clock = clock
         self._calls: list[Callable[[], object]] = []
         self._due: Any = None
+        poll = getattr(clock, "doIteration", None)
+        if callable(poll):
+            clock.doIteration = self._after(poll)
+
+    def _after(self, poll: Callable[[Any], object]) -> Callable[[Any], None]:
+        def doIteration(timeout: Any) -> None:
+            self._polling = True
+            try:
+                poll(timeout)
+            finally:
+                self._polling = False
+                if self._calls and not self.running:
+                    self._run()
+
+        return doIteration
 
     def add(self, call: Callable[[], object]) -> None:
         self._calls.append(call)
-        if self._due is None:
+        if self._due is None and not self._polling and not self.running:
             self._due = self._clock.callLater(0, self._run)
 
     def _run(self) -> None:
+        due, self._due = self._due, None
+        if due is not None and due.active():
+            due.cancel()
         calls = self._calls
         index = 0
         self.running = True
@@ -557,7 +570,6 @@ class _TurnEnd:
                     log.failure("error at the end of a reactor turn")
         finally:
             calls.clear()
-            self._due = None
             self.running = False
 
 

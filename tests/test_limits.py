@@ -28,6 +28,7 @@ from sockproto.limits import (
     LogBudget,
     TokenBucket,
     at_turn_end,
+    turn_end,
 )
 from sockproto.stats import ServiceStats
 
@@ -414,6 +415,20 @@ class ResetSeenBySendTests(SynchronousTestCase):
         self.assertEqual(protocol.events, ["ConnectionLost"])
 
 
+class PollingClock(Clock):
+    """A Clock that has a reactor's doIteration: one poll, whose events are
+    the calls in ``events``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[Any] = []
+
+    def doIteration(self, timeout: float | None) -> None:
+        events, self.events = self.events, []
+        for event in events:
+            event()
+
+
 class TurnEndTests(SynchronousTestCase):
     def test_calls_made_once_the_turn_ends_with_those_they_add(self) -> None:
         clock = Clock()
@@ -432,6 +447,19 @@ class TurnEndTests(SynchronousTestCase):
         at_turn_end(clock, lambda: made.append(4))  # a new turn, a new call
         clock.advance(0)
         self.assertEqual(made, [1, 2, 3, 4])
+
+    def test_calls_added_by_the_events_of_a_poll_made_as_it_returns(self) -> None:
+        clock = PollingClock()
+        turn_end(clock)  # as a GuardedFactory does when it is made
+        made: list[str] = []
+        clock.events = [lambda: at_turn_end(clock, lambda: made.append("a")), lambda: made.append("event")]
+        clock.doIteration(0)
+        self.assertEqual(made, ["event", "a"])
+        self.assertEqual(clock.getDelayedCalls(), [])  # no timer needed, and the next poll may wait
+        at_turn_end(clock, lambda: made.append("timer's"))  # outside a poll: a call due now
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.doIteration(0)  # made as the poll returns; the timer is cancelled
+        self.assertEqual((made[-1], clock.getDelayedCalls()), ("timer's", []))
 
     def test_an_error_is_logged_and_the_others_still_made(self) -> None:
         clock = Clock()
