@@ -233,8 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from bench.harness import Context, compile_loadgen, elapsed_since
+    from bench.servers import pin_cores
 
     raise_open_files_limit()
+    pinning = pin_cores()
     started = time.monotonic()
     minutes = estimate_seconds(plan) / 60
     print(
@@ -254,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "duration": plan.duration,
         "warmup": plan.warmup,
         "quick": plan.quick,
+        "pinning": pinning,
     }
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory(prefix="sockproto-bench-") as work:

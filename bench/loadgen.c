@@ -685,6 +685,8 @@ static _Noreturn void run_serve_chat(const struct sockaddr_in *sa) {
     if (ep < 0) die("epoll_create1");
     watch(ep, lfd, EPOLLIN, UINT64_MAX, EPOLL_CTL_ADD);
     static room_client_t *clients[SERVE_CHAT_MAX];
+    static int free_slots[SERVE_CHAT_MAX]; /* of clients that left */
+    int free_count = 0;
     static int senders[MAX_EVENTS];
     static size_t starts[MAX_EVENTS + 1];
     int count = 0;
@@ -699,26 +701,37 @@ static _Noreturn void run_serve_chat(const struct sockaddr_in *sa) {
             if (events[e].data.u64 == UINT64_MAX) {
                 int fd;
                 while ((fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
-                    if (count == SERVE_CHAT_MAX) {
+                    int slot = free_count ? free_slots[--free_count] : count;
+                    if (slot == SERVE_CHAT_MAX) {
                         close(fd);
                         continue;
                     }
+                    if (slot == count) count++;
                     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
                     room_client_t *k = calloc(1, sizeof *k);
                     k->fd = fd;
-                    clients[count] = k;
-                    watch(ep, fd, EPOLLIN, (uint64_t)count, EPOLL_CTL_ADD);
-                    count++;
+                    clients[slot] = k;
+                    watch(ep, fd, EPOLLIN, (uint64_t)slot, EPOLL_CTL_ADD);
                     out_append(&k->out, greeting, sizeof greeting - 1);
                     out_flush(fd, &k->out);
                 }
                 continue;
             }
-            room_client_t *k = clients[events[e].data.u64];
+            int index = (int)events[e].data.u64;
+            room_client_t *k = clients[index];
             if (!k) continue;
-            if ((events[e].events & EPOLLOUT) && out_flush(k->fd, &k->out) < 0) continue;
-            ssize_t got = recv(k->fd, k->in + k->in_len, sizeof k->in - k->in_len, 0);
-            if (got <= 0) continue; /* a closed client stays until the run ends */
+            ssize_t got = 0;
+            if (!(events[e].events & EPOLLOUT) || out_flush(k->fd, &k->out) == 0)
+                got = recv(k->fd, k->in + k->in_len, sizeof k->in - k->in_len, 0);
+            if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
+            if (got <= 0) { /* gone: close it too (a probe waits for that) */
+                close(k->fd);
+                free(k->out.data);
+                free(k);
+                clients[index] = NULL;
+                free_slots[free_count++] = index;
+                continue;
+            }
             k->in_len += (size_t)got;
             char *last = memrchr(k->in, '\n', k->in_len);
             if (!last) {
@@ -726,7 +739,7 @@ static _Noreturn void run_serve_chat(const struct sockaddr_in *sa) {
                 continue;
             }
             size_t whole = (size_t)(last - k->in) + 1;
-            senders[said] = (int)events[e].data.u64;
+            senders[said] = index;
             starts[said++] = turn.len;
             out_append(&turn, k->in, whole);
             memmove(k->in, k->in + whole, k->in_len - whole);
@@ -735,6 +748,7 @@ static _Noreturn void run_serve_chat(const struct sockaddr_in *sa) {
         starts[said] = turn.len;
         for (int i = 0; said && i < count; i++) {
             room_client_t *k = clients[i];
+            if (!k) continue;
             int own = 0;
             for (int j = 0; j < said; j++) own |= senders[j] == i;
             if (!own)

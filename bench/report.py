@@ -251,6 +251,7 @@ def render_markdown(figures: Sequence[Figure], meta: dict[str, Any]) -> str:
         "",
         f"Software: {meta.get('versions', '?')}.",
         "",
+        *([f"Cores: {meta['pinning']}.", ""] if meta.get("pinning") else []),
         f"Each figure is the median of {meta.get('rounds', '?')} rounds of {meta.get('duration', '?')} s"
         f" (after a {meta.get('warmup', '?')} s warm-up), ± half the range of the rounds; in each round the"
         " servers take turns, in a rotating order. A peer's cell starts with the **ratio**: how many times"

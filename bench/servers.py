@@ -85,17 +85,57 @@ def udp_answers(port: int, payload: bytes = b"Ping !") -> bool:
             return False
 
 
-class Process:
-    """One server process in its own process group, its output in a log file."""
+# The cores the servers run on, when pin_cores() split the machine: every
+# server on one core, the load generator and the harness on the others.
+SERVER_CORES: set[int] | None = None
 
-    def __init__(self, name: str, command: Sequence[str], log: Path, cwd: Path | None = None) -> None:
+
+def split_cores(available: Sequence[int]) -> tuple[set[int], set[int]] | None:
+    """(generator cores, server cores), or None with fewer than two cores."""
+    cores = sorted(available)
+    if len(cores) < 2:
+        return None
+    return set(cores[:-1]), {cores[-1]}
+
+
+def pin_cores() -> str:
+    """Pin this process (and so the load generator, wrk and the clients it
+    runs) away from the core every server gets. Where both ends of a
+    latency-bound loop run decides its speed more than the server does: left
+    to the scheduler, single rounds swung by 20-40%. Returns how, for the results."""
+    global SERVER_CORES
+    split = split_cores(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    if split is None:
+        return "not pinned (one core)"
+    generator, SERVER_CORES = split
+    os.sched_setaffinity(0, generator)
+    cores = ", ".join(map(str, sorted(generator)))
+    return (
+        f"each server pinned to core {min(SERVER_CORES)} (all cores with `--workers 2`),"
+        f" the load generators to core{'s' if len(generator) > 1 else ''} {cores}"
+    )
+
+
+class Process:
+    """One server process in its own process group, its output in a log file.
+
+    It runs on SERVER_CORES, unless ``all_cores`` (several worker processes).
+    """
+
+    def __init__(
+        self, name: str, command: Sequence[str], log: Path, cwd: Path | None = None, all_cores: bool = False
+    ) -> None:
         self.name = name
         self.command = list(command)
         self.log = log
         self.cwd = cwd
+        self.cores = None if all_cores or SERVER_CORES is None else set(SERVER_CORES)
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
+        cores = self.cores
+        if cores is None and SERVER_CORES is not None:
+            cores = set(os.sched_getaffinity(0)) | SERVER_CORES  # the whole machine
         with open(self.log, "ab") as out:
             self.popen = subprocess.Popen(
                 self.command,
@@ -104,6 +144,7 @@ class Process:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=None if cores is None else (lambda: os.sched_setaffinity(0, cores)),
             )
         return self
 
@@ -234,6 +275,17 @@ def suite_arguments(service: str, port: int, extra: Sequence[str] = ()) -> list[
     return [*args, *extra]
 
 
+def several_workers(command: Sequence[str]) -> bool:
+    """Whether the suite runs more than one process (``--workers N``, N > 1)."""
+    workers = "1"
+    for i, arg in enumerate(command):
+        if arg == "--workers" and i + 1 < len(command):
+            workers = command[i + 1]
+        elif arg.startswith("--workers="):
+            workers = arg.partition("=")[2]
+    return workers != "1"
+
+
 def start_ours(
     service: str, extra: Sequence[str], work: Path, ours_args: Sequence[str], ready: Callable[[int], bool]
 ) -> Server | None:
@@ -243,7 +295,8 @@ def start_ours(
     # twistd -n logs to stdout, which Process sends to a file (never a pipe
     # that could fill up and stall the server).
     command = [*twistd(), "-n", "--pidfile=", "sockproto", *suite_arguments(service, port, extra), *ours_args]
-    process = Process("sockproto", command, work / f"sockproto-{service}-{port}.log", cwd=work).start()
+    log = work / f"sockproto-{service}-{port}.log"
+    process = Process("sockproto", command, log, cwd=work, all_cores=several_workers(command)).start()
 
     def started() -> bool:
         return READY.search(process.log.read_text(errors="replace")) is not None

@@ -21,7 +21,7 @@ from bench.scenarios.chat import chat_values
 from bench.scenarios.memory import HTTP, STRIP
 from bench.scenarios.strip import CASES as STRIP_CASES
 from bench.scenarios.workers import without_workers
-from bench.servers import suite_arguments
+from bench.servers import several_workers, split_cores, suite_arguments
 from bench.stats import OURS, Figure, Summary, median, percentile, ratio, summarize
 
 
@@ -204,6 +204,23 @@ Running 2s test @ http://127.0.0.1:8080/
 Requests/sec:   8140.25
 Transfer/sec:      1.05MB
 """
+
+
+class CoreTests(SynchronousTestCase):
+    def test_servers_get_the_last_core_the_generator_the_others(self) -> None:
+        self.assertEqual(split_cores([1, 0]), ({0}, {1}))
+        self.assertEqual(split_cores(range(4)), ({0, 1, 2}, {3}))
+        self.assertIsNone(split_cores([0]))
+
+    def test_several_workers_get_every_core(self) -> None:
+        self.assertTrue(several_workers(["twistd", "sockproto", "--workers", "2"]))
+        self.assertTrue(several_workers(["--workers=4"]))
+        self.assertFalse(several_workers(["--workers", "1"]))
+        self.assertFalse(several_workers(["twistd", "sockproto", "--port", "9000"]))
+
+    def test_the_results_say_how_cores_were_used(self) -> None:
+        meta = {"pinning": "each server pinned to core 1"}
+        self.assertIn("Cores: each server pinned to core 1.", render_markdown([], meta))
 
 
 class ParserTests(SynchronousTestCase):
