@@ -123,7 +123,9 @@ class GuardedProtocol(ProtocolWrapper):
       them the next time round the reactor loop, which costs a poll and two
       epoll_ctl calls per answer; and answering every read of a turn before
       the next poll lets a busy server's peers (100 clients, a chat room's
-      lines to each of them) work in batches too.
+      lines to each of them) work in batches too. When the last poll brought
+      a single read (one client at a time), the answer to a read leaves as
+      soon as the read is handled instead: waiting buys nothing there.
     """
 
     factory: GuardedFactory
@@ -167,7 +169,22 @@ class GuardedProtocol(ProtocolWrapper):
         self._stats.bytes_in += len(data)
         if self._idle_timeout:
             self._last_read = self._clock.seconds()
-        self.wrappedProtocol.dataReceived(data)
+        turn = self._turn_end
+        turn.reads += 1
+        if turn.batching or self._held is not None or self._direct is None:
+            self.wrappedProtocol.dataReceived(data)  # what it writes waits for the turn's end
+            return
+        # The last poll brought one read: a single busy client wants its
+        # answer now, and no other read is likely to come with this one.
+        self._held = held = []
+        self._held_size = 0
+        try:
+            self.wrappedProtocol.dataReceived(data)
+        finally:
+            if self._held is held:
+                self._held = None
+            if held:
+                self._send(held)
 
     def _holding(self) -> list[bytes] | None:
         """Where a write goes: the writes held so far, a new hold until the end
@@ -527,6 +544,10 @@ class _TurnEnd:
 
     running = False  # making the calls now
     _polling = False  # inside the wrapped doIteration
+    # Reads in this poll, and whether the last poll had more than one: then
+    # answers wait for the turn's end, so they go out together.
+    reads = 0
+    batching = False
 
     def __init__(self, clock: Any) -> None:
         self._clock = clock
@@ -539,10 +560,12 @@ class _TurnEnd:
     def _after(self, poll: Callable[[Any], object]) -> Callable[[Any], None]:
         def doIteration(timeout: Any) -> None:
             self._polling = True
+            self.reads = 0
             try:
                 poll(timeout)
             finally:
                 self._polling = False
+                self.batching = self.reads > 1
                 if self._calls and not self.running:
                     self._run()
 

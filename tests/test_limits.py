@@ -429,6 +429,51 @@ class PollingClock(Clock):
             event()
 
 
+class AnswerWhenTests(SynchronousTestCase):
+    """An answer leaves as soon as its read is handled when the last poll
+    brought one read; after a busier poll it waits for the poll's end."""
+
+    def setUp(self) -> None:
+        ours, self.theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.theirs.setblocking(False)
+        self.addCleanup(self.theirs.close)
+        self.addCleanup(ours.close)
+        self.clock = PollingClock()
+        factory = GuardedFactory(
+            Factory.forProtocol(Recorder), ConnectionPolicy(), ServiceStats("t", "t"), self.clock
+        )
+        self.wrapper = factory.buildProtocol(PEER)
+        transport = tcp.Connection(ours, self.wrapper, reactor)
+        transport.connected = 1
+        self.wrapper.makeConnection(transport)
+        self.seen: list[bytes] = []
+
+    def read_then_look(self, data: bytes) -> None:
+        self.wrapper.dataReceived(data)
+        self.seen.append(self.received())
+
+    def received(self) -> bytes:
+        try:
+            return self.theirs.recv(100)
+        except BlockingIOError:
+            return b""
+
+    def test_one_read_a_poll_answered_at_once(self) -> None:
+        self.clock.events = [lambda: self.read_then_look(b"a")]
+        self.clock.doIteration(0)
+        self.assertEqual(self.seen, [b"A"])
+
+    def test_after_a_busy_poll_answers_wait_for_its_end(self) -> None:
+        self.clock.events = [lambda: self.read_then_look(b"a"), lambda: self.read_then_look(b"b")]
+        self.clock.doIteration(0)  # two reads: the next poll batches
+        self.seen.clear()
+        self.clock.events = [lambda: self.read_then_look(b"c"), lambda: self.read_then_look(b"d")]
+        self.clock.doIteration(0)
+        self.assertEqual(self.seen, [b"", b""])
+        self.assertEqual(self.received(), b"CD")  # in one send, as the poll ended
+
+
 class TurnEndTests(SynchronousTestCase):
     def test_calls_made_once_the_turn_ends_with_those_they_add(self) -> None:
         clock = Clock()
