@@ -34,6 +34,9 @@ from zope.interface import Interface, implementer
 CHUNK = 64 * 1024
 LOCK_NAME = "sockproto-pop3.lock"
 SUBFOLDERS = ("cur", "new", "tmp")
+# A file left in tmp/ this long is a delivery that died (SIGKILL, a crash):
+# the Maildir rule (and Dovecot's) is to delete it when the mailbox is opened.
+TMP_MAX_AGE = 36 * 3600.0
 # A user name is a folder name under the Maildir root: nothing that could climb
 # out of it, hide it or need quoting.
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@+-]{0,63}\Z")
@@ -246,6 +249,19 @@ class Maildir:
                 found[unique] = (stat.st_mtime_ns, Message(entry.path, unique, uidl(unique), size))
         return [message for _, message in sorted(found.values(), key=lambda item: (item[0], item[1].unique))]
 
+    def sweep_tmp(self, now: float | None = None) -> int:
+        """Delete files in tmp/ older than TMP_MAX_AGE; how many went."""
+        limit = (time.time() if now is None else now) - TMP_MAX_AGE
+        removed = 0
+        for entry in _files(self.path / "tmp"):
+            try:
+                if entry.stat().st_mtime < limit:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # finished or swept by someone else meanwhile
+                continue
+        return removed
+
     def locate(self, unique: str) -> str | None:
         """Where a message is now (another program may have moved or flagged it)."""
         for sub in ("cur", "new"):
@@ -363,6 +379,8 @@ class Maildrop:
     """One session's view of a mailbox: the messages at login, numbered from
     1; deletions are marks until :meth:`commit`."""
 
+    swept = 0  # stale files removed from tmp/ when it was opened
+
     def __init__(self, maildir: Maildir, lock: MailboxLock, messages: list[Message]) -> None:
         self.maildir = maildir
         self.lock = lock
@@ -370,16 +388,20 @@ class Maildrop:
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], user: str) -> Maildrop:
-        """Create the Maildir if missing, lock it and list it."""
+        """Create the Maildir if missing, lock it, sweep its stale tmp/ files
+        and list it."""
         if not valid_user(user):
             raise ValueError(f"not a valid mailbox name: {user!r}")
         maildir = Maildir(Path(root) / user).create()
         lock = MailboxLock(maildir.path / LOCK_NAME).acquire()
         try:
-            return cls(maildir, lock, maildir.messages())
+            swept = maildir.sweep_tmp()
+            drop = cls(maildir, lock, maildir.messages())
         except BaseException:
             lock.release()
             raise
+        drop.swept = swept
+        return drop
 
     @property
     def user(self) -> str:

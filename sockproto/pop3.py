@@ -107,6 +107,12 @@ class MaildirRealm:
         if not valid_user(user):
             raise UnauthorizedLogin("not a valid mailbox name")
         drop = Maildrop.open(self.root, user)
+        if drop.swept:
+            log.info(
+                "pop3: removed {count} file(s) older than 36 h from {user}/tmp (deliveries that died)",
+                count=drop.swept,
+                user=user,
+            )
         return IMaildrop, drop, drop.close
 
 

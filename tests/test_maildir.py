@@ -8,17 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import maildir
 from sockproto.__main__ import main
 from sockproto.maildir import (
+    TMP_MAX_AGE,
     CrlfNormalizer,
+    IMaildrop,
     MailboxInUseError,
     MailboxLock,
     Maildir,
@@ -29,6 +33,7 @@ from sockproto.maildir import (
     valid_user,
     wire_size,
 )
+from sockproto.pop3 import MaildirRealm
 from tests.support import environment, temp_dir, wait_for
 
 
@@ -268,6 +273,32 @@ fcntl.flock(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 time.sleep(60)
 """
+
+
+class StaleTmpTests(SynchronousTestCase):
+    """A delivery killed mid-write leaves a file in tmp/: the next login to the
+    mailbox deletes it once it is 36 hours old (the Maildir rule)."""
+
+    def setUp(self) -> None:
+        self.root = Path(temp_dir(self))
+        self.box = Maildir(self.root / "erin").create()
+        tmp = self.box.path / "tmp"
+        put(tmp, "dead", b"half a mess", mtime=int(time.time() - TMP_MAX_AGE - 60))
+        put(tmp, "busy", b"being written", mtime=int(time.time() - TMP_MAX_AGE + 60))
+
+    def test_swept_when_the_mailbox_opens(self) -> None:
+        drop = Maildrop.open(self.root, "erin")
+        self.addCleanup(drop.close)
+        self.assertEqual((drop.swept, os.listdir(self.box.path / "tmp")), (1, ["busy"]))
+
+    def test_the_login_says_so(self) -> None:
+        with capturedLogs() as events:
+            *_, logout = MaildirRealm(self.root).requestAvatar("erin", None, IMaildrop)
+        logout()
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            ["pop3: removed 1 file(s) older than 36 h from erin/tmp (deliveries that died)"],
+        )
 
 
 class LockTests(SynchronousTestCase):
