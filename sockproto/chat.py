@@ -633,6 +633,4 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         idle_timeout=chat.idle_timeout,
         refusal_log_rate=settings.suite.refusal_log_rate,
     )
-    return stream_listener(
-        "chat", chat.port, settings.suite.interface, factory, policy, service_stats, reactor
-    )
+    return stream_listener("chat", chat.port, settings.suite, factory, policy, service_stats, reactor)

@@ -175,6 +175,16 @@ def stream_port(value: Any) -> str:
     return spec
 
 
+# An ssl: description that names the key or certificate it uses.
+_NAMES_TLS_FILES = re.compile(r"(?<!\\):(privateKey|certKey)=")
+
+
+def lacks_tls_files(spec: str) -> bool:
+    """An ``ssl:`` description naming no key or certificate: the suite's
+    ``--tls-cert``/``--tls-key`` fill it in (endpoints.stream_description)."""
+    return spec.startswith("ssl:") and not _NAMES_TLS_FILES.search(spec)
+
+
 def _parse_endpoint(spec: str) -> None:
     # Parsing builds the endpoint object (and loads TLS files for ssl:) without
     # listening, so a bad description is caught before anything starts.
@@ -183,6 +193,8 @@ def _parse_endpoint(spec: str) -> None:
     try:
         endpoints.serverFromString(reactor, spec)
     except OSError as error:  # a file the endpoint names (ssl: key and certificate)
+        if lacks_tls_files(spec):
+            return  # it names none: --tls-cert/--tls-key fill it in (listening.stream_listener)
         where = f" {error.filename}" if error.filename else ""
         raise ValueError(f"endpoint {spec!r}: cannot read{where}: {error.strerror or error}") from None
     except Exception as error:  # the parsers raise many types; all mean 'bad'

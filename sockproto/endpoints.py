@@ -16,13 +16,21 @@ def _escape(address: str) -> str:
     return address.replace(":", "\\:")
 
 
-def stream_description(spec: str, interface: str) -> str | None:
-    """``9000`` -> ``tcp:9000:interface=127.0.0.1``; ``off`` -> None."""
+def stream_description(spec: str, interface: str, tls_files: tuple[str, str] = ("", "")) -> str | None:
+    """``9000`` -> ``tcp:9000:interface=127.0.0.1``; ``off`` -> None.
+
+    An ``ssl:`` endpoint that names no key gets ``--tls-cert``/``--tls-key``
+    (``tls_files``), so ``--pop3-port ssl:995`` is POP3S with the suite's
+    certificate; Twisted would otherwise look for ``server.pem``.
+    """
     if spec == "off":
         return None
     if spec.isdigit():
         kind = "tcp6" if ipaddress.ip_address(interface).version == 6 else "tcp"
         return f"{kind}:{spec}:interface={_escape(interface)}"
+    cert, key = tls_files
+    if cert and checks.lacks_tls_files(spec):
+        return f"{spec}:privateKey={_escape(key or cert)}:certKey={_escape(cert)}"
     return spec
 
 

@@ -861,6 +861,4 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         refusal_log_rate=settings.suite.refusal_log_rate,
     )
     site = build_site(settings.http, stats, service_stats, reactor)
-    return stream_listener(
-        "http", settings.http.port, settings.suite.interface, site, policy, service_stats, reactor
-    )
+    return stream_listener("http", settings.http.port, settings.suite, site, policy, service_stats, reactor)

@@ -11,6 +11,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from sockproto.checks import lacks_tls_files
+from sockproto.config import ConfigError, SuiteSettings
 from sockproto.endpoints import stream_description, with_backlog
 from sockproto.limits import SHUTDOWN_GRACE, ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
@@ -119,17 +121,23 @@ class Listener(Service):
 def stream_listener(
     name: str,
     spec: str,
-    interface: str,
+    suite: SuiteSettings,
     factory: Any,
     policy: ConnectionPolicy,
     stats: ServiceStats,
     reactor: Any,
     prepare: Callable[[], None] | None = None,
 ) -> Listener | None:
-    """A TCP-style service on its port setting, under the shared connection policy."""
-    description = stream_description(spec, interface)
+    """A TCP-style service on its port setting, under the shared connection
+    policy; ``suite`` says where bare ports listen and which TLS files an
+    ``ssl:`` endpoint uses."""
+    description = stream_description(spec, suite.interface, (suite.tls_cert, suite.tls_key))
     if description is None:
         return None
+    if lacks_tls_files(description):
+        raise ConfigError(
+            f"{name}: {spec} needs --tls-cert (and --tls-key), or privateKey= and certKey= in it"
+        )
     from twisted.internet.endpoints import serverFromString
 
     guarded = GuardedFactory(factory, policy, stats, reactor)

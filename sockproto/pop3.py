@@ -785,7 +785,7 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     if suite.tls_key and not suite.tls_cert:
         raise ConfigError("--tls-key: needs --tls-cert too")
     tls = tls_options(suite.tls_cert, suite.tls_key) if suite.tls_cert else None
-    description = stream_description(pop3.port, suite.interface)
+    description = stream_description(pop3.port, suite.interface, (suite.tls_cert, suite.tls_key))
     if description is None:
         return None
     if not pop3.maildir:
@@ -822,7 +822,7 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     return stream_listener(
         "pop3",
         pop3.port,
-        suite.interface,
+        suite,
         factory,
         policy,
         service_stats,

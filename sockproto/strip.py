@@ -141,5 +141,5 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     )
     factory = StripFactory(settings.strip.max_line, service_stats)
     return stream_listener(
-        "strip", settings.strip.port, settings.suite.interface, factory, policy, service_stats, reactor
+        "strip", settings.strip.port, settings.suite, factory, policy, service_stats, reactor
     )

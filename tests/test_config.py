@@ -134,6 +134,22 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(stream_description("unix:/tmp/s", "127.0.0.1"), "unix:/tmp/s")
         self.assertIsNone(stream_description("off", "127.0.0.1"))
 
+    def test_ssl_endpoints_take_the_suites_tls_files_unless_they_name_their_own(self) -> None:
+        files = ("/etc/x/cert.pem", "/etc/x/key.pem")
+        self.assertEqual(
+            stream_description("ssl:995", "127.0.0.1", files),
+            "ssl:995:privateKey=/etc/x/key.pem:certKey=/etc/x/cert.pem",
+        )
+        self.assertEqual(
+            stream_description("ssl:995:privateKey=k.pem", "127.0.0.1", files), "ssl:995:privateKey=k.pem"
+        )
+        self.assertEqual(
+            stream_description("ssl:995", "127.0.0.1", ("C:/both.pem", "")),
+            "ssl:995:privateKey=C\\:/both.pem:certKey=C\\:/both.pem",
+        )
+        self.assertEqual(stream_description("ssl:995", "127.0.0.1"), "ssl:995")  # no files: Twisted's default
+        self.assertEqual(stream_description("tcp:995", "127.0.0.1", files), "tcp:995")
+
     def test_port_checks(self) -> None:
         self.assertEqual(checks.stream_port(9000), "9000")
         self.assertEqual(checks.stream_port("OFF"), "off")

@@ -339,6 +339,27 @@ class RequireTlsTests(SynchronousTestCase):
         client.pass_("secret")
         client.quit()
 
+    def test_ssl_endpoint_takes_the_suites_certificate(self) -> None:
+        box = Box(self)
+        cert, key = make_certificate(box.folder / "tls")
+        suite = start(
+            self,
+            box,
+            "--pop3-port",
+            "ssl:0:interface=127.0.0.1",
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+        )
+        client = poplib.POP3_SSL(
+            "127.0.0.1", suite.address("pop3")[1], context=ssl.create_default_context(cafile=cert), timeout=20
+        )
+        self.addCleanup(client.close)
+        client.user("alice")
+        client.pass_("secret")
+        client.quit()
+
 
 class AcrossProcessesTests(SynchronousTestCase):
     def test_lock_holds_across_servers_and_dies_with_its_holder(self) -> None:

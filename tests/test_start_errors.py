@@ -89,6 +89,14 @@ class EndToEndTests(SynchronousTestCase):
         self.assertIn("pop3: cannot make the Maildir root", error)
         self.assertTrue(error.endswith("(--maildir): Not a directory"))
 
+    def test_ssl_endpoint_without_tls_files(self) -> None:
+        error, _ = self.refused(["--http-port", "ssl:0:interface=127.0.0.1"])
+        self.assertEqual(
+            error,
+            "twistd sockproto: error: http: ssl:0:interface=127.0.0.1 needs --tls-cert (and --tls-key),"
+            " or privateKey= and certKey= in it",
+        )
+
     def test_missing_tls_key(self) -> None:
         folder = Path(temp_dir(self))
         cert, _ = make_certificate(folder)
