@@ -39,7 +39,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -50,7 +50,7 @@ from zope.interface import implementer
 
 from sockproto import __version__
 from sockproto.config import HttpSettings, Settings
-from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, SafeFile, method_not_allowed
+from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, PulledBody, SafeFile, method_not_allowed
 from sockproto.limits import ConnectionPolicy, LogBudget, TokenBucket, peer_of
 from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.stats import ServiceStats, Stats
@@ -376,33 +376,21 @@ class RandomBytes(Route):
         return server.NOT_DONE_YET
 
 
-@implementer(IPullProducer)
-class RandomBytesProducer:
-    """Writes one chunk each time the connection asks for more (as static.File does)."""
+class RandomBytesProducer(PulledBody):
+    """``size`` random bytes, a chunk at a pull (as static.File sends a file)."""
 
     def __init__(self, request: Any, size: int, chunk: int = CHUNK) -> None:
-        self.request: Any = request
+        super().__init__(request)
         self.remaining = size
         self.chunk = chunk
 
-    def start(self) -> None:
-        self.request.registerProducer(self, False)
-
-    def resumeProducing(self) -> None:
-        request = self.request
-        if request is None:
-            return
+    def produce(self, request: Any) -> None:
         if self.remaining:
             size = min(self.chunk, self.remaining)
             self.remaining -= size
             request.write(os.urandom(size))
         else:
-            self.request = None
-            request.unregisterProducer()
-            request.finish()
-
-    def stopProducing(self) -> None:
-        self.request = None
+            self.end(request)
 
 
 class Root(resource.Resource):

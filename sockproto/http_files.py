@@ -93,7 +93,42 @@ MAX_RANGES = 100
 
 
 @implementer(IPullProducer)
-class MultipartProducer:
+class PulledBody:
+    """A response body written a chunk each time the connection asks for more
+    (as static.File's producers are), so a slow client holds one chunk, not
+    the whole body. Subclasses write in :meth:`produce` and call :meth:`end`."""
+
+    def __init__(self, request: Any) -> None:
+        self.request: Any = request
+
+    def start(self) -> None:
+        self.request.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        request = self.request
+        if request is not None:  # None: done, or the connection is gone
+            self.produce(request)
+
+    def produce(self, request: Any) -> None:
+        raise NotImplementedError
+
+    def end(self, request: Any, last: bytes = b"", whole: bool = True) -> None:
+        """Write ``last`` and finish the response; not ``whole`` (less than its
+        Content-Length said): only a close tells the client."""
+        self.stopProducing()
+        if last:
+            request.write(last)
+        request.unregisterProducer()
+        if whole:
+            request.finish()
+        else:
+            request.loseConnection()
+
+    def stopProducing(self) -> None:
+        self.request = None
+
+
+class MultipartProducer(PulledBody):
     """A multipart/byteranges body, a buffer at a pull: each part's boundary, then its bytes.
 
     It stands in for ``static.MultipleRangeStaticProducer``, which asks the
@@ -105,18 +140,12 @@ class MultipartProducer:
     buffer_size = static.StaticProducer.bufferSize
 
     def __init__(self, request: Any, file: Any, parts: Iterable[tuple[bytes, int, int]]) -> None:
-        self.request: Any = request
+        super().__init__(request)
         self.file = file
         self.parts = iter(parts)  # (boundary, offset, size), as static.File makes them
         self.remaining = 0  # bytes of the current part still to send
 
-    def start(self) -> None:
-        self.request.registerProducer(self, False)
-
-    def resumeProducing(self) -> None:
-        request = self.request
-        if request is None:
-            return
+    def produce(self, request: Any) -> None:
         out: list[bytes] = []
         room = self.buffer_size
         done = short = False
@@ -139,18 +168,12 @@ class MultipartProducer:
             room -= len(chunk)
             self.remaining -= len(chunk)
         if done:
-            self.stopProducing()
-        request.write(b"".join(out))
-        if done:
-            request.unregisterProducer()
-            if short:
-                # Less than the Content-Length said: only a close tells the client.
-                request.loseConnection()
-            else:
-                request.finish()
+            self.end(request, b"".join(out), whole=not short)  # short: the file shrank under us
+        else:
+            request.write(b"".join(out))
 
     def stopProducing(self) -> None:
-        self.request = None
+        super().stopProducing()
         self.file.close()
 
 
