@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.cli import Plan
-from bench.report import format_value
-from bench.servers import ServerError
-from bench.stats import Better, Figure
+from bench.report import C_REFERENCE, format_value
+from bench.servers import Server, ServerError, start_ours, start_peer
+from bench.stats import OURS, Better, Figure
 
 LOADGEN_SOURCE = Path(__file__).with_name("loadgen.c")
 
@@ -192,3 +193,38 @@ def elapsed_since(start: float) -> str:
 
 def python_version() -> str:
     return sys.version.split()[0]
+
+
+def line_up(
+    ctx: Context,
+    stack: ExitStack,
+    service: str,
+    ours_extra: Sequence[str],
+    peers: Sequence[tuple[str, Callable[[int], list[str]]]],
+    reference: Sequence[str],
+    ready: Callable[[int], bool],
+    skipped_figures: tuple[Sequence[str], Sequence[Metric]],
+    kind: int = socket.SOCK_STREAM,
+) -> tuple[list[Server], list[Figure]]:
+    """Start sockproto with only ``service`` on, the peers, and the C reference
+    (``loadgen serve PORT *reference``), each stopped when ``stack`` closes.
+
+    Returns the servers in that order, and, when the suite does not have the
+    service, figures that say so for ``skipped_figures`` (cases, metrics).
+    """
+    servers: list[Server] = []
+    figures: list[Figure] = []
+    ours = start_ours(service, ours_extra, ctx.work, ctx.plan.ours_args, ready)
+    if ours is None:
+        cases, metrics = skipped_figures
+        figures += skipped(service, cases, metrics, OURS, "not in the suite yet")
+    else:
+        stack.callback(ours.stop)
+        servers.append(ours)
+    loadgen = str(ctx.loadgen)
+    commands = [*peers, (C_REFERENCE, lambda port: [loadgen, "serve", str(port), *reference])]
+    for name, command in commands:
+        server = start_peer(name, command, ctx.work, ready, kind)
+        stack.callback(server.stop)
+        servers.append(server)
+    return servers, figures

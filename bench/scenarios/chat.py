@@ -7,10 +7,9 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
-from bench.harness import Context, Metric, interleaved_rounds, latencies_ms, run_loadgen, skipped
-from bench.report import C_REFERENCE
-from bench.servers import Server, start_ours, start_peer, tcp_greets
-from bench.stats import OURS, Figure
+from bench.harness import Context, Metric, interleaved_rounds, latencies_ms, line_up, run_loadgen
+from bench.servers import Server, tcp_greets
+from bench.stats import Figure
 
 WINDOW = 4
 METRICS = (
@@ -66,28 +65,20 @@ def run(ctx: Context) -> list[Figure]:
         " epoll wait go to each client in one send, a non-reader's output waits unbounded) shows how"
         " fast the generator goes." + (" The quick run leaves out 1000 clients." if ctx.plan.quick else ""),
     )
-    figures: list[Figure] = []
+    peers = [("ncat --chat", ncat_command)] if shutil.which("ncat") else []
+    if not peers:
+        ctx.note("chat: ncat is not installed (scripts/bench installs it with apt-get)")
     with ctx.servers() as stack:
-        servers: list[Server] = []
-        ours = start_ours(
-            "chat", ["--chat-max-clients", "0", "--chat-rate", "0"], ctx.work, ctx.plan.ours_args, tcp_greets
+        servers, figures = line_up(
+            ctx,
+            stack,
+            "chat",
+            ["--chat-max-clients", "0", "--chat-rate", "0"],
+            peers,
+            ["chat"],
+            tcp_greets,
+            ([str(c) for c in all_cases], METRICS),
         )
-        if ours is None:
-            figures += skipped("chat", [str(c) for c in all_cases], METRICS, OURS, "not in the suite yet")
-        else:
-            stack.callback(ours.stop)
-            servers.append(ours)
-        reference = start_peer(
-            C_REFERENCE, lambda port: [str(ctx.loadgen), "serve", str(port), "chat"], ctx.work, tcp_greets
-        )
-        stack.callback(reference.stop)
-        if shutil.which("ncat"):
-            peer = start_peer("ncat --chat", ncat_command, ctx.work, tcp_greets)
-            stack.callback(peer.stop)
-            servers.append(peer)
-        else:
-            ctx.note("chat: ncat is not installed (scripts/bench installs it with apt-get)")
-        servers.append(reference)
 
         def measure(server: Server, case: Case) -> dict[str, Any]:
             plan = ctx.plan

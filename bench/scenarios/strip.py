@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.harness import Context, Metric, interleaved_rounds, latencies_ms, run_loadgen, skipped
-from bench.report import C_REFERENCE
-from bench.servers import Server, python_peer, start_ours, start_peer, tcp_answers
-from bench.stats import OURS, Figure
+from bench.harness import Context, Metric, interleaved_rounds, latencies_ms, line_up, run_loadgen
+from bench.servers import Server, python_peer, tcp_answers
+from bench.stats import Figure
 
 PIPELINE_DEPTH = 16
 METRICS = (
@@ -44,22 +43,16 @@ def run(ctx: Context) -> list[Figure]:
         " gives the same answer. sockproto runs with `--max-clients 0`.",
     )
     with ctx.servers() as stack:
-        servers: list[Server] = []
-        ours = start_ours("strip", ["--max-clients", "0"], ctx.work, ctx.plan.ours_args, tcp_answers)
-        figures: list[Figure] = []
-        if ours is None:
-            figures += skipped("strip", [str(c) for c in CASES], METRICS, OURS, "not in the suite yet")
-        else:
-            stack.callback(ours.stop)
-            servers.append(ours)
-        for name, command in PEERS:
-            servers.append(start_peer(name, command, ctx.work, tcp_answers))
-            stack.callback(servers[-1].stop)
-        reference = start_peer(
-            C_REFERENCE, lambda port: [str(ctx.loadgen), "serve", str(port)], ctx.work, tcp_answers
+        servers, figures = line_up(
+            ctx,
+            stack,
+            "strip",
+            ["--max-clients", "0"],
+            PEERS,
+            [],
+            tcp_answers,
+            ([str(c) for c in CASES], METRICS),
         )
-        stack.callback(reference.stop)
-        servers.append(reference)
 
         def measure(server: Server, case: Case) -> dict[str, float]:
             plan = ctx.plan

@@ -6,10 +6,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from bench.harness import Context, Metric, interleaved_rounds, run_loadgen, skipped
-from bench.report import C_REFERENCE
-from bench.servers import Server, python_peer, start_ours, start_peer, udp_answers
-from bench.stats import OURS, Figure
+from bench.harness import Context, Metric, interleaved_rounds, line_up, run_loadgen
+from bench.servers import Server, python_peer, udp_answers
+from bench.stats import Figure
 
 METRICS = (Metric("answers/s", "/s", "higher", "rate"),)
 
@@ -35,31 +34,18 @@ def run(ctx: Context) -> list[Figure]:
         " datagram, as it does by default; the peer logs nothing. A C responder (`loadgen serve PORT udp`)"
         " shows how fast the generator goes.",
     )
-    figures: list[Figure] = []
     with ctx.servers() as stack:
-        servers: list[Server] = []
-        ours = start_ours(
-            "udp", ["--udp-mode", "daytime", "--udp-rate", "0"], ctx.work, ctx.plan.ours_args, udp_answers
-        )
-        if ours is None:
-            figures += skipped("udp", [str(c) for c in CASES], METRICS, OURS, "not in the suite yet")
-        else:
-            stack.callback(ours.stop)
-            servers.append(ours)
-        peer = start_peer(
-            "asyncio DatagramProtocol", python_peer("udp_asyncio"), ctx.work, udp_answers, socket.SOCK_DGRAM
-        )
-        stack.callback(peer.stop)
-        servers.append(peer)
-        reference = start_peer(
-            C_REFERENCE,
-            lambda port: [str(ctx.loadgen), "serve", str(port), "udp"],
-            ctx.work,
+        servers, figures = line_up(
+            ctx,
+            stack,
+            "udp",
+            ["--udp-mode", "daytime", "--udp-rate", "0"],
+            [("asyncio DatagramProtocol", python_peer("udp_asyncio"))],
+            ["udp"],
             udp_answers,
+            ([str(c) for c in CASES], METRICS),
             socket.SOCK_DGRAM,
         )
-        stack.callback(reference.stop)
-        servers.append(reference)
 
         def measure(server: Server, case: Case) -> dict[str, float]:
             plan = ctx.plan
