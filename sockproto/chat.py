@@ -35,9 +35,9 @@ from sockproto.limits import (
     ConnectionPolicy,
     FailureDelays,
     OutputBuffer,
-    TokenBucket,
     at_turn_end,
     peer_of,
+    rate_limit,
 )
 from sockproto.listening import Listener, stream_listener
 from sockproto.stats import ServiceStats, Stats
@@ -249,8 +249,7 @@ class ChatProtocol(BoundedLineReceiver):
         self.room = factory.room
         self.peer = peer_of(self.transport)
         self.output = OutputBuffer(self.transport, factory.settings.max_pending, self._too_slow)
-        rate, burst = factory.settings.rate
-        self.bucket = TokenBucket(rate, burst, factory.clock.seconds) if rate else None
+        self.bucket = rate_limit(factory.settings.rate, factory.clock.seconds)
         self._lines: deque[bytes] = deque()
         self._holds: set[str] = set()
         self._timers: dict[str, Any] = {}

@@ -51,7 +51,7 @@ from zope.interface import implementer
 from sockproto import __version__
 from sockproto.config import HttpSettings, Settings
 from sockproto.http_files import FILES_OFF, NOT_FOUND, PlainPage, PulledBody, SafeFile, method_not_allowed
-from sockproto.limits import ConnectionPolicy, LogBudget, TokenBucket, peer_of
+from sockproto.limits import ConnectionPolicy, LogBudget, TokenBucket, peer_of, rate_limit
 from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.stats import ServiceStats, Stats
 from sockproto.text import loggable
@@ -792,9 +792,7 @@ class ResponderSite(server.Site):
     def startFactory(self) -> None:
         super().startFactory()
         if not self.logPath:
-            rate, burst = self.log_rate
-            budget = TokenBucket(rate, burst, self.reactor.seconds) if rate else None
-            self.logFile = TwistdAccessLog(budget, self.reactor)
+            self.logFile = TwistdAccessLog(rate_limit(self.log_rate, self.reactor.seconds), self.reactor)
 
     def _openLogFile(self, path: str) -> Any:
         try:

@@ -446,10 +446,10 @@ class GuardedFactory(WrappingFactory):
         self.clock: Any = clock
         # Before any connection: a reactor's polls are wrapped from the start.
         self.turn_end = turn_end(clock)
-        rate, burst = policy.refusal_log_rate
-        bucket = TokenBucket(rate, burst, clock.seconds) if rate else None
         # A flood of connections over the cap must not flood the log.
-        self.refusals = LogBudget(bucket, clock, self._sum_up_refusals)
+        self.refusals = LogBudget(
+            rate_limit(policy.refusal_log_rate, clock.seconds), clock, self._sum_up_refusals
+        )
 
     def _sum_up_refusals(self, counts: dict[str, int], seconds: float) -> None:
         log.info(
@@ -705,6 +705,13 @@ class BoundedLineReceiver(LineReceiver):
 
     def writeConnectionLost(self) -> None:
         self.transport.loseConnection()
+
+
+def rate_limit(setting: tuple[float, float], now: Callable[[], float]) -> TokenBucket | None:
+    """The bucket of a ``RATE/BURST`` setting (checks.rate); None when the
+    rate is 0, which turns the limit off."""
+    rate, burst = setting
+    return TokenBucket(rate, burst, now) if rate else None
 
 
 class TokenBucket:

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from sockproto import strip
 from sockproto.config import Settings
 from sockproto.endpoints import datagram_address
-from sockproto.limits import BucketTable, LogBudget, TokenBucket
+from sockproto.limits import BucketTable, LogBudget, TokenBucket, rate_limit
 from sockproto.listening import Listener
 from sockproto.stats import ServiceStats, Stats
 from sockproto.text import loggable
@@ -185,8 +185,7 @@ class UdpResponder(DatagramProtocol):
         self.no_amplify = no_amplify
         self.mode = mode or getattr(answer, "__name__", "custom")
         self.buckets = BucketTable(rate[0], rate[1], clock.seconds, max_sources)
-        budget = TokenBucket(log_rate[0], log_rate[1], clock.seconds) if log_rate[0] else None
-        self.journal = DatagramLog(stats.name, budget, clock)
+        self.journal = DatagramLog(stats.name, rate_limit(log_rate, clock.seconds), clock)
         self.refused_ports = SMALL_SERVICE_PORTS
         self._over_rate = f"over {rate[0]:g} answers/s (burst {rate[1]:g}) for this address"
 
