@@ -210,3 +210,34 @@ def recv_until(sock: socket.socket, done: Callable[[bytes], bool], timeout: floa
 def recv_all(sock: socket.socket, timeout: float = DEADLINE) -> bytes:
     """Everything until the server closes."""
     return recv_until(sock, lambda _: False, timeout)
+
+
+class Consumer:
+    """What a Request offers a producer; records what it is given."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.producer: Any = None
+        self.finished = self.lost = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def loseConnection(self) -> None:
+        self.lost = True
+
+    def pull(self) -> bytes:
+        for _ in range(100):
+            if self.producer is None:
+                return b"".join(self.chunks)
+            self.producer.resumeProducing()
+        raise AssertionError("the producer never ends")

@@ -24,7 +24,7 @@ from sockproto import __version__, http
 from sockproto.config import HttpSettings
 from sockproto.limits import LOG_SUMMARY_INTERVAL, ConnectionPolicy, GuardedFactory
 from sockproto.stats import Stats
-from tests.support import temp_dir
+from tests.support import Consumer, temp_dir
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 HOST = IPv4Address("TCP", "127.0.0.1", 8080)
@@ -209,26 +209,8 @@ class PureFunctionTests(SynchronousTestCase):
 class RandomBytesProducerTests(SynchronousTestCase):
     """The producer alone: the route needs the reactor's cooperator (see e2e)."""
 
-    class Consumer:
-        def __init__(self) -> None:
-            self.chunks: list[bytes] = []
-            self.producer: Any = None
-            self.finished = False
-
-        def registerProducer(self, producer: Any, streaming: bool) -> None:
-            self.producer = producer
-
-        def unregisterProducer(self) -> None:
-            self.producer = None
-
-        def write(self, data: bytes) -> None:
-            self.chunks.append(data)
-
-        def finish(self) -> None:
-            self.finished = True
-
     def test_one_chunk_per_pull_then_finish(self) -> None:
-        consumer = self.Consumer()
+        consumer = Consumer()
         producer = http.RandomBytesProducer(consumer, 250, chunk=100)
         producer.start()
         self.assertIs(consumer.producer, producer)
@@ -243,7 +225,7 @@ class RandomBytesProducerTests(SynchronousTestCase):
         self.assertNotEqual(consumer.chunks[0], consumer.chunks[1])
 
     def test_stopped_producer_writes_nothing(self) -> None:
-        consumer = self.Consumer()
+        consumer = Consumer()
         producer = http.RandomBytesProducer(consumer, 250, chunk=100)
         producer.start()
         producer.stopProducing()

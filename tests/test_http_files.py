@@ -21,7 +21,7 @@ from sockproto import checks, http
 from sockproto.config import HttpSettings
 from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, MultipartProducer, SafeFile
 from sockproto.stats import Stats
-from tests.support import temp_dir
+from tests.support import Consumer, temp_dir
 from tests.test_http import Harness
 
 ESCAPES = [
@@ -257,37 +257,6 @@ class RenderTests(SynchronousTestCase):
         self.assertIn(b'href="a.txt"', response.body)
         for hidden in (b".hidden", b".git", b"link_out", b"dir_out", b"fifo", b"secret"):
             self.assertNotIn(hidden, response.body)
-
-
-class Consumer:
-    """What a Request offers a producer; records what it is given."""
-
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.producer: Any = None
-        self.finished = self.lost = False
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def finish(self) -> None:
-        self.finished = True
-
-    def loseConnection(self) -> None:
-        self.lost = True
-
-    def pull(self) -> bytes:
-        for _ in range(100):
-            if self.producer is None:
-                return b"".join(self.chunks)
-            self.producer.resumeProducing()
-        raise AssertionError("the producer never ends")
 
 
 class MultipartProducerTests(SynchronousTestCase):
