@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -114,7 +113,7 @@ class Room:
         self.history: deque[bytes] = deque(maxlen=history)
         self.closing = False  # the server stops: everyone leaves, no one is told
         self._guests = 0
-        # Lines not sent yet: (number, line, who said it); see batch().
+        # Lines not sent yet: (number, line, who said it); see hold().
         self._outgoing: deque[tuple[int, bytes, Any]] = deque()
         self._numbered = 0
         # Members who joined while lines were waiting: the number of the first
@@ -196,15 +195,6 @@ class Room:
         if not self._batches and not self._delivering:
             self._send_outgoing()
 
-    @contextmanager
-    def batch(self) -> Iterator[None]:
-        """:meth:`hold` for the lines of one block."""
-        self.hold()
-        try:
-            yield
-        finally:
-            self.release()
-
     def _send_outgoing(self) -> None:
         self._delivering = True
         try:
@@ -269,7 +259,6 @@ class ChatProtocol(BoundedLineReceiver):
     def dataReceived(self, data: bytes) -> None:
         if self._leaving or self._overlong is not None:
             return
-        self.factory.hold_for_turn()
         lines = (self._buffer + data).split(b"\n") if self._buffer else data.split(b"\n")
         self._buffer = lines.pop()
         limit = self.MAX_LENGTH
@@ -298,9 +287,9 @@ class ChatProtocol(BoundedLineReceiver):
     def _work(self) -> None:
         """Handle the waiting lines unless held, then what ends the input."""
         lines = self._lines
-        with self.room.batch():
-            while lines and not self._holds and not self._leaving:
-                self.lineReceived(lines.popleft())
+        self.factory.hold_for_turn()
+        while lines and not self._holds and not self._leaving:
+            self.lineReceived(lines.popleft())
         if lines or self._holds or self._leaving:
             return
         if self._overlong is not None:

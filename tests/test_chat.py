@@ -140,8 +140,9 @@ class RoomTests(SynchronousTestCase):
     def test_nested_holds_release_once(self) -> None:
         self.a.got.clear()
         self.room.hold()
-        with self.room.batch():
-            self.room.say(self.b, "x")
+        self.room.hold()
+        self.room.say(self.b, "x")
+        self.room.release()
         self.assertEqual(self.a.got, [])
         self.room.release()
         self.assertEqual(self.a.got, [b"<b> x\r\n"])
@@ -200,7 +201,8 @@ class Client:
             self.clock.advance(0)  # the reactor's turn ends: what the room held goes out
 
     def received(self) -> list[str]:
-        """The lines received since the last call."""
+        """The lines received since the last call, once the reactor's turn ended."""
+        self.clock.advance(0)
         data = self.transport.value()
         new, self.seen = data[self.seen :], len(data)
         return new.decode("utf-8", "replace").splitlines()
