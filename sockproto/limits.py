@@ -201,20 +201,16 @@ class GuardedProtocol(ProtocolWrapper):
         if self._held is None and self._turn_end.running and self._direct is not None:
             # Written as the turn ends (a chat room's lines of the turn):
             # nothing is left to wait for.
-            if not isinstance(data, bytes):
-                raise TypeError(f"Data must be bytes, not {type(data).__name__}")
-            self._send([data])
+            self._send([_bytes_only(data)])
             return
         held = self._holding()
         if held is None:
             self.transport.write(data)
-        elif not isinstance(data, bytes):
-            raise TypeError(f"Data must be bytes, not {type(data).__name__}")
-        else:
-            held.append(data)
-            self._held_size += len(data)
-            if self._held_size > HOLD_LIMIT:
-                self._stop_holding()
+            return
+        held.append(_bytes_only(data))
+        self._held_size += len(data)
+        if self._held_size > HOLD_LIMIT:
+            self._stop_holding()
 
     def writeSequence(self, data: Any) -> None:
         data = list(data)
@@ -224,9 +220,7 @@ class GuardedProtocol(ProtocolWrapper):
             self.transport.writeSequence(data)
             return
         for chunk in data:
-            if not isinstance(chunk, bytes):
-                raise TypeError(f"Data must be bytes, not {type(chunk).__name__}")
-            self._held_size += len(chunk)
+            self._held_size += len(_bytes_only(chunk))
         held.extend(data)
         if self._held_size > HOLD_LIMIT:
             self._stop_holding()
@@ -638,6 +632,13 @@ def _can_write_directly(transport: Any) -> bool:
             hasattr(transport, name) for name in _DIRECT_ATTRIBUTES
         )
     return known
+
+
+def _bytes_only(data: Any) -> bytes:
+    """Refuse text as a transport does, before it is held."""
+    if not isinstance(data, bytes):
+        raise TypeError(f"Data must be bytes, not {type(data).__name__}")
+    return data
 
 
 def close_gently(transport: Any, clock: Any, owner: Any = None) -> None:
