@@ -86,8 +86,10 @@ class GracefulStopTests(SynchronousTestCase):
 
         started = time.monotonic()
         suite.send_signal(15)
-        suite.wait_log("http: closing ")  # the port is closed before the connections are told
         for service in ("strip", "chat", "http", "pop3"):
+            # Each service closes its port before it tells its connections;
+            # the services stop one after another, so wait for this one's.
+            suite.wait_log(f"{service}: closing ")
             with self.assertRaises(ConnectionRefusedError, msg=service):
                 socket.create_connection(suite.address(service), timeout=5).close()
 
