@@ -126,7 +126,9 @@ class Server:
         require_tls: bool = False,
         idle_timeout: float = 600.0,
     ) -> None:
-        self.root = Path(temp_dir(test))
+        # In a folder of its own, so a test can check nothing was made beside it.
+        self.root = Path(temp_dir(test)) / "mail"
+        self.root.mkdir()
         self.clock = Clock()
         self.stats = Stats(self.clock.seconds).service("pop3", "commands")
         if checkers is None:
