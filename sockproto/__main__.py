@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import io
 import os
+import select
 import signal
 import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sockproto import __version__, config
 
@@ -63,12 +65,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.user}: password set in {args.file}", file=sys.stderr)
         elif args.command == "deliver":
             root = args.maildir or config.load(args.config)[0].pop3.maildir
-            with termination_exits():
+            with termination_exits() as wakeup:
                 if args.file:
                     with open(args.file, "rb") as source:
                         path = deliver_message(root, args.user, source)
                 else:
-                    path = deliver_message(root, args.user, sys.stdin.buffer)
+                    stdin = (
+                        sys.stdin.buffer if wakeup is None else SignalAwareInput(sys.stdin.fileno(), wakeup)
+                    )
+                    path = deliver_message(root, args.user, stdin)
             print(path)
     except (CommandError, config.ConfigError) as error:
         print(f"python -m sockproto {args.command}: error: {error}", file=sys.stderr)
@@ -88,23 +93,64 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @contextlib.contextmanager
-def termination_exits() -> Iterator[None]:
+def termination_exits() -> Iterator[int | None]:
     """Inside, SIGTERM and SIGHUP end the command the way Ctrl-C does:
     through the clean-ups on the way out (a delivery removes its file from
-    tmp/), rather than killing it where it stands."""
+    tmp/), rather than killing it where it stands.
+
+    Yields the read end of the pipe a signal's arrival is written to, for
+    :class:`SignalAwareInput` (None outside the main thread, where Python
+    runs no signal handlers)."""
 
     def stop(signum: int, frame: object) -> None:
         raise Interrupted(signum)
 
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield None
         return
+    wakeup, woken = os.pipe()
+    for end in (wakeup, woken):
+        os.set_blocking(end, False)
+    previous_wakeup = signal.set_wakeup_fd(woken, warn_on_full_buffer=False)
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        yield
+        yield wakeup
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        signal.set_wakeup_fd(previous_wakeup)
+        os.close(wakeup)
+        os.close(woken)
+
+
+class SignalAwareInput(io.RawIOBase):
+    """A pipe (or terminal) whose blocking read gives way to a signal.
+
+    A signal that lands after Python last looked for one but before read()
+    starts is handled only once read() returns (PEP 475), which on a quiet
+    pipe may be never: ``deliver`` would sit out a SIGTERM. So the wait is a
+    select() that also watches ``wakeup``, the pipe Python's C-level handler
+    writes each signal to (:func:`signal.set_wakeup_fd`); back in Python, the
+    handler runs."""
+
+    def __init__(self, fd: int, wakeup: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.wakeup = wakeup
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            readable, _, _ = select.select([self.fd, self.wakeup], [], [])
+            if self.wakeup in readable:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wakeup, 512)
+            if self.fd in readable:
+                data = os.read(self.fd, len(buffer))
+                buffer[: len(data)] = data
+                return len(data)
 
 
 def read_password() -> bytes:

@@ -10,14 +10,16 @@ import poplib
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 from unittest import mock
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from sockproto.__main__ import Interrupted, SignalAwareInput, termination_exits
 from sockproto.maildir import Maildir
-from tests.support import ALL_OFF, Suite, environment, recv_until, temp_dir, wait_for
+from tests.support import ALL_OFF, DEADLINE, Suite, environment, recv_until, temp_dir, wait_for
 
 MESSAGES = [
     b"Subject: one\n\nfirst\n",
@@ -105,6 +107,45 @@ def deliver_process(root: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.PIPE,
         env=environment(),
     )
+
+
+class SignalAwareInputTests(SynchronousTestCase):
+    def test_a_signal_that_misses_the_read_still_ends_it(self) -> None:
+        """A read waiting on a quiet pipe gives way to a signal even when the
+        signal is not delivered to the reading thread (as when it lands just
+        before read() starts, so read() never sees EINTR)."""
+        quiet, writer = os.pipe()
+        self.addCleanup(os.close, quiet)
+        self.addCleanup(os.close, writer)
+        rescued = threading.Event()
+
+        def rescue() -> None:  # should the read not give way
+            rescued.set()
+            os.write(writer, b"late")
+
+        def hit() -> None:
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+        with termination_exits() as wakeup:
+            assert wakeup is not None
+            rescuer, hitter = threading.Timer(DEADLINE, rescue), threading.Timer(0.1, hit)
+            self.addCleanup(rescuer.cancel)
+            rescuer.start()
+            hitter.start()
+            with self.assertRaises(Interrupted) as caught:
+                SignalAwareInput(quiet, wakeup).read(10)
+            hitter.join()
+        self.assertEqual(caught.exception.signum, signal.SIGTERM)
+        self.assertFalse(rescued.is_set())
+
+    def test_it_reads_what_comes_and_the_end(self) -> None:
+        source, writer = os.pipe()
+        self.addCleanup(os.close, source)
+        os.write(writer, b"abc")
+        os.close(writer)
+        with termination_exits() as wakeup:
+            assert wakeup is not None
+            self.assertEqual(SignalAwareInput(source, wakeup).read(), b"abc")
 
 
 class DeliverInterruptedTests(SynchronousTestCase):
