@@ -191,20 +191,21 @@ def run_twistd(
     )
 
 
-def recv_until(sock: socket.socket, done: Callable[[bytes], bool], timeout: float = DEADLINE) -> bytes:
-    """Read until ``done(data)`` or EOF; fail at the deadline."""
-    data = b""
+def recv_until(sock: socket.socket, done: Callable[[bytearray], bool], timeout: float = DEADLINE) -> bytes:
+    """Read until ``done(data)`` or EOF; fail at the deadline. (``data`` is a
+    bytearray: appending to bytes would make reading megabytes quadratic.)"""
+    data = bytearray()
     deadline = time.monotonic() + timeout
     while not done(data):
         sock.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
-            raise AssertionError(f"timed out; got {data[:500]!r}") from None
+            raise AssertionError(f"timed out; got {bytes(data[:500])!r}") from None
         if not chunk:
             break
         data += chunk
-    return data
+    return bytes(data)
 
 
 def recv_all(sock: socket.socket, timeout: float = DEADLINE) -> bytes:
