@@ -5,6 +5,7 @@ is finished, all within --shutdown-grace, and the process exits 0."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import socket
 import time
@@ -24,6 +25,11 @@ def http_get(suite: Suite, target: str) -> bytes:
     with suite.connect("http") as sock:
         sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         return recv_all(sock)
+
+
+def http_requests(suite: Suite) -> int:
+    """The HTTP request counter, through /status (this request counts too)."""
+    return int(json.loads(body_of(http_get(suite, "/status"))[1])["services"]["http"]["requests"])
 
 
 def body_of(response: bytes) -> tuple[bytes, bytes]:
@@ -58,33 +64,28 @@ def pop3_retr_started(test: SynchronousTestCase, suite: Suite) -> tuple[socket.s
 
 class GracefulStopTests(SynchronousTestCase):
     def test_sigterm_finishes_work_in_progress_then_exits_0(self) -> None:
-        suite, folder = start_everything(self)
+        # A grace no loaded machine uses up: this test is about what is
+        # finished, the next one about the bound.
+        suite, folder = start_everything(self, "--shutdown-grace", "60")
         chat = suite.connect("chat")
         self.addCleanup(chat.close)
         recv_until(chat, lambda d: d.endswith(b"\n"))  # the welcome
         strip = suite.connect("strip")
         self.addCleanup(strip.close)
-        # An answer that takes 2 s: wait until the server has taken the request
-        # (its request counter, read through /status, counts it).
-        delayed = suite.connect("http")
-        self.addCleanup(delayed.close)
-        delayed.sendall(b"GET /delay/2 HTTP/1.1\r\nHost: x\r\n\r\n")
-        polls = iter(range(1, 10**6))
-        wait_for(
-            lambda: (
-                json.loads(body_of(http_get(suite, "/status"))[1])["services"]["http"]["requests"]
-                > next(polls)
-            ),
-            what="the /delay request taken",
-        )
         # A download the client reads slowly: 64 KiB now, the rest after SIGTERM.
         download = suite.connect("http")
         self.addCleanup(download.close)
         download.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: x\r\n\r\n" % DOWNLOAD)
         download_start = recv_until(download, lambda d: len(d) > 64 * 1024)
         retr, retr_start, size = pop3_retr_started(self, suite)
+        # Last, so it is surely under way at SIGTERM: an answer that takes 2 s.
+        # Wait until the server has taken it (its request counter counts it).
+        delayed = suite.connect("http")
+        self.addCleanup(delayed.close)
+        polls = itertools.count(http_requests(suite) + 1)  # each poll is a request too
+        delayed.sendall(b"GET /delay/2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_for(lambda: http_requests(suite) > next(polls), what="the /delay request taken")
 
-        started = time.monotonic()
         suite.send_signal(15)
         for service in ("strip", "chat", "http", "pop3"):
             # Each service closes its port before it tells its connections;
@@ -108,9 +109,8 @@ class GracefulStopTests(SynchronousTestCase):
         self.assertEqual(len(message.replace(b"\r\n..", b"\r\n.")), size)
 
         self.assertEqual(suite.stop(), 0)
-        self.assertLess(time.monotonic() - started, 10)
         self.assertFalse(suite.saw("Traceback"), suite.output)
-        self.assertFalse(suite.saw("cutting them"), suite.output)
+        self.assertFalse(suite.saw("cutting them"), suite.output)  # all done within the grace
         for service in ("strip", "chat", "udp", "http", "pop3"):
             self.assertTrue(suite.saw(f"{service} stopped"), service)
         # The session ended without QUIT: its DELE was not applied.
