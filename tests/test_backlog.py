@@ -9,7 +9,7 @@ import asyncio
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto.endpoints import LISTEN_BACKLOG, with_backlog
-from tests.support import ALL_OFF, Suite
+from tests.support import ALL_OFF, DEADLINE, Suite
 
 BURST = 500  # well over Twisted's 50, well under ours
 
@@ -52,7 +52,7 @@ class BurstTests(SynchronousTestCase):
                     writer.close()
                     await writer.wait_closed()
 
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(DEADLINE):
                 return await asyncio.gather(*(join() for _ in range(BURST)))
 
         with Suite([*ALL_OFF, "--chat-port", "0", "--chat-history", "0"]) as suite:

@@ -189,31 +189,28 @@ class SlowConsumerEndToEndTests(SynchronousTestCase):
         reader.wait_for(b"*** welcome")
         before = suite.rss_kib()
 
-        # 32 MiB through the room, 1 MiB at a time, never more than 2 MiB
-        # ahead of the listener: on a busy machine the listener (a thread of
+        # 32 MiB through the room, 1 MiB at a time, each once the listener has
+        # read the one before: on a busy machine the listener (a thread of
         # this test) must not fall behind and be dropped as too slow itself.
         chunks, lines, size = 32, 1024, 1024
-        started = time.monotonic()
         for chunk in range(chunks):
             first = chunk * lines
-            behind = first - lines
             talker.sendall(
                 b"".join(b"%06d " % i + b"x" * (size - 9) + b"\r\n" for i in range(first, first + lines))
             )
-            wait_for(lambda target=behind: reader.lines >= target or reader.closed, what=f"line {behind}")
+            last = first + lines
+            wait_for(lambda last=last: reader.lines >= last or reader.closed, what=f"line {last}")
         talker.sendall(b"done\n")
         reader.wait_for(b"<guest2> done\r\n")
-        elapsed = time.monotonic() - started
         after = suite.rss_kib()
 
         self.assertIn(b"*** guest1 left (too slow)\r\n", reader.data)
-        self.assertTrue(suite.saw("chat: dropping guest1"))
+        suite.wait_log("chat: dropping guest1")
         said = [line for line in reader.data.split(b"\r\n") if line.startswith(b"<guest2> ")]
         self.assertEqual(len(said), chunks * lines + 1)  # nothing lost, in order
         self.assertEqual([int(line[9:15]) for line in said[:-1]], list(range(chunks * lines)))
         # The stalled reader's backlog is capped: the server did not keep 32 MiB for it.
         self.assertLess(after - before, 16 * 1024, f"RSS grew from {before} to {after} KiB")
-        self.assertLess(elapsed, 30)
 
 
 class FloodEndToEndTests(SynchronousTestCase):
@@ -249,8 +246,7 @@ class FloodEndToEndTests(SynchronousTestCase):
         said = [line for line in reader.data.split(b"\r\n") if line.startswith(b"<guest1> line")]
         self.assertEqual([int(line[14:20]) for line in said], list(range(len(said))))
         self.assertLess(suite.rss_kib() - before, 8 * 1024)
-        suite.wait_log("chat: 127.0.0.1:")
-        self.assertTrue(suite.saw("sends faster than 50 lines/s; reading it more slowly"))
+        suite.wait_log("sends faster than 50 lines/s; reading it more slowly")
 
 
 class LoginEndToEndTests(SynchronousTestCase):

@@ -68,9 +68,10 @@ class DaytimeTests(UdpTestCase):
         started = time.monotonic()
         for _ in range(3000):
             sock.sendto(b"Ping !", self.server)
-        # Watch for a second after the burst: however long we watch, no more
-        # than burst + rate x elapsed answers may come.
-        window_end = time.monotonic() + 1.0
+        # The burst's 40 answers come (however slowly a busy machine runs the
+        # server), then, watching a second more: however long we watch, no
+        # more than burst + rate x elapsed answers may come.
+        window_end = time.monotonic() + DEADLINE
         while (left := window_end - time.monotonic()) > 0:
             sock.settimeout(left)
             try:
@@ -79,6 +80,8 @@ class DaytimeTests(UdpTestCase):
                 break
             self.assertRegex(answer, DAYTIME)
             answers += 1
+            if answers == 40:
+                window_end = time.monotonic() + 1.0
         elapsed = time.monotonic() - started
         self.assertGreaterEqual(answers, 40)
         self.assertLessEqual(answers, 40 + 20 * elapsed + 1)
@@ -87,7 +90,9 @@ class DaytimeTests(UdpTestCase):
         match = re.search(r"(\d+) over the rate limit", self.suite.output)
         assert match is not None, self.suite.output
         self.assertLessEqual(answers + 1 + int(match.group(1)), 3000)
-        self.assertLess(len(self.suite.lines), 80, "a flood must not flood the log")
+        # A flood must not flood the log: a line per answer, a few for the
+        # start and the stop, one summing up the rest.
+        self.assertLess(len(self.suite.lines), answers + 30, self.suite.output)
 
     def test_source_port_13_unanswered(self) -> None:
         try:

@@ -240,7 +240,6 @@ class Pop3EndToEndTests(SynchronousTestCase):
         before = self.suite.rss_kib()
         sock.sendall(b"RETR 1\r\n")
         received, peak, tail = 0, before, b""
-        started = time.monotonic()
         while not tail.endswith(b"\r\n.\r\n"):
             chunk = sock.recv(1 << 20)
             if not chunk:
@@ -249,12 +248,10 @@ class Pop3EndToEndTests(SynchronousTestCase):
             tail = (tail + chunk)[-5:]
             if received % (4 << 20) < len(chunk):
                 peak = max(peak, self.suite.rss_kib())
-        elapsed = time.monotonic() - started
         peak = max(peak, self.suite.rss_kib())
         header = len(b"+OK %d octets\r\n" % (expected - count))
         self.assertEqual(received, header + expected + len(b".\r\n"))
         self.assertLess(peak - before, 16 * 1024, f"RSS grew from {before} to {peak} KiB")
-        self.assertLess(elapsed, 20)
 
     def test_a_flood_of_commands_from_a_client_that_never_reads(self) -> None:
         sock = self.suite.connect("pop3")
