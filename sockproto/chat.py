@@ -619,6 +619,5 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         max_clients=chat.max_clients,
         overflow_message=OVERFLOW_MESSAGE,
         idle_timeout=chat.idle_timeout,
-        refusal_log_rate=settings.suite.refusal_log_rate,
     )
     return stream_listener("chat", chat.port, settings.suite, factory, policy, service_stats, reactor)

@@ -844,7 +844,6 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     policy = ConnectionPolicy(
         max_clients=settings.http.max_clients,
         overflow_message=OVERFLOW,
-        refusal_log_rate=settings.suite.refusal_log_rate,
     )
     site = build_site(settings.http, stats, service_stats, reactor)
     return stream_listener("http", settings.http.port, settings.suite, site, policy, service_stats, reactor)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import Service
@@ -14,7 +15,7 @@ from twisted.python.failure import Failure
 from sockproto.checks import lacks_tls_files
 from sockproto.config import ConfigError, SuiteSettings
 from sockproto.endpoints import stream_description, with_backlog
-from sockproto.limits import SHUTDOWN_GRACE, ConnectionPolicy, GuardedFactory
+from sockproto.limits import ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
 
 log = Logger(namespace="sockproto")
@@ -27,15 +28,12 @@ class StartupError(Exception):
 class Listener(Service):
     """Listens while running; says where it listens, and that it stopped.
 
-    ``on_stop(grace)`` runs once the port is closed: the open connections get
-    ``shutdown_grace`` seconds to finish (the suite sets it from
-    ``--shutdown-grace``). ``prepare`` runs at start once twistd has dropped
-    privileges (``--uid``), so it checks what the service will use as the
-    user it runs as; it raises :class:`StartupError` if the service cannot
-    work.
+    ``on_stop()`` runs once the port is closed: it lets the open connections
+    finish (within ``--shutdown-grace``, see :func:`stream_listener`).
+    ``prepare`` runs at start once twistd has dropped privileges (``--uid``),
+    so it checks what the service will use as the user it runs as; it raises
+    :class:`StartupError` if the service cannot work.
     """
-
-    shutdown_grace = SHUTDOWN_GRACE
 
     def __init__(
         self,
@@ -43,7 +41,7 @@ class Listener(Service):
         where: str,
         listen: Callable[[], Any],
         stats: ServiceStats,
-        on_stop: Callable[[float], Any] | None = None,
+        on_stop: Callable[[], Any] | None = None,
         prepare: Callable[[], None] | None = None,
         *,
         factory: Any = None,
@@ -86,7 +84,7 @@ class Listener(Service):
             return None
         stopped = maybeDeferred(port.stopListening)
         if self._on_stop is not None:
-            stopped.addCallback(lambda _: self._on_stop(self.shutdown_grace))
+            stopped.addCallback(lambda _: self._on_stop())
         if self.announce:
             self._stats.listening.clear()
             stopped.addCallback(lambda _: log.info("{service} stopped", service=self.name))
@@ -114,7 +112,6 @@ class Listener(Service):
             factory=factory,
             announce=False,
         )
-        copy.shutdown_grace = self.shutdown_grace
         return copy
 
 
@@ -129,8 +126,9 @@ def stream_listener(
     prepare: Callable[[], None] | None = None,
 ) -> Listener | None:
     """A TCP-style service on its port setting, under the shared connection
-    policy; ``suite`` says where bare ports listen and which TLS files an
-    ``ssl:`` endpoint uses."""
+    policy; ``suite`` says where bare ports listen, which TLS files an
+    ``ssl:`` endpoint uses, how refusals are logged and how long a stop waits
+    for open connections (here, so a worker's copy has them too)."""
     description = stream_description(spec, suite.interface, (suite.tls_cert, suite.tls_key))
     if description is None:
         return None
@@ -140,6 +138,7 @@ def stream_listener(
         )
     from twisted.internet.endpoints import serverFromString
 
+    policy = replace(policy, refusal_log_rate=suite.refusal_log_rate)
     guarded = GuardedFactory(factory, policy, stats, reactor)
     endpoint = serverFromString(reactor, with_backlog(description))
     return Listener(
@@ -147,7 +146,7 @@ def stream_listener(
         description,
         lambda: endpoint.listen(guarded),
         stats,
-        guarded.server_stopping,
+        lambda: guarded.server_stopping(suite.shutdown_grace),
         prepare,
         factory=guarded,
     )

@@ -817,7 +817,6 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         max_clients=pop3.max_clients,
         overflow_message=b"-ERR [SYS/TEMP] too many sessions, try again later\r\n",
         idle_timeout=pop3.idle_timeout,
-        refusal_log_rate=suite.refusal_log_rate,
     )
     return stream_listener(
         "pop3",

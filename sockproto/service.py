@@ -124,7 +124,6 @@ def make_service(settings: Settings, reactor: Any = None, config_path: Path | No
         if builder is not None:
             listener = builder(settings, suite.stats, reactor)
             if listener is not None:
-                listener.shutdown_grace = settings.suite.shutdown_grace
                 listener.setServiceParent(suite)
     if settings.suite.workers > 1:
         shared = {child.name: child for child in suite if child.name in workers.SHARED}

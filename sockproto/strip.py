@@ -137,7 +137,6 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     policy = ConnectionPolicy(
         max_clients=settings.strip.max_clients,
         idle_timeout=settings.strip.idle_timeout,
-        refusal_log_rate=settings.suite.refusal_log_rate,
     )
     factory = StripFactory(settings.strip.max_line, service_stats)
     return stream_listener(

@@ -73,6 +73,38 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(given.http.port, settings.http.port)
 
 
+class SuiteWideSettingsTests(SynchronousTestCase):
+    """--shutdown-grace and --refusal-log-rate reach every stream service,
+    and a worker's copy of a shared listener (built as the worker builds it)."""
+
+    def test_every_stream_listener_and_a_workers_copy_use_them(self) -> None:
+        from sockproto.service import BUILDERS
+
+        folder = temp_dir(self)
+        settings = config.build(
+            {
+                ("suite", "shutdown_grace"): ("7", "test"),
+                ("suite", "refusal_log_rate"): ("3/4", "test"),
+                ("pop3", "maildir"): (folder, "test"),
+            }
+        )
+        for name in ("strip", "chat", "http", "pop3"):
+            built = BUILDERS[name](settings, Stats(Clock().seconds), Clock())
+            listeners = [built, built.adopting(-1, socket.AF_INET, Clock())]
+            for listener in listeners:
+                graces: list[float] = []
+                listener.factory.server_stopping = graces.append
+                listener.port = ClosedPort()
+                listener.stopService()
+                self.assertEqual(graces, [7.0], name)
+                self.assertEqual(listener.factory.policy.refusal_log_rate, (3.0, 4.0), name)
+
+
+class ClosedPort:
+    def stopListening(self) -> None:
+        pass
+
+
 class FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid = pid
