@@ -61,7 +61,7 @@ log = Logger(namespace="sockproto")
 SHARED = ("strip", "http")
 REPORT_INTERVAL = 0.5  # seconds between two exchanges of counts
 FLUSH_DELAY = 0.05  # a worker's log lines wait this long, to go in batches
-STOP_GRACE = 10.0  # a stopping worker gets this long before SIGKILL
+STOP_MARGIN = 5.0  # a stopping worker gets --shutdown-grace and this long before SIGKILL
 START_GRACE = 20.0  # "ready" waits this long for the workers, at most
 RESTART_FIRST, RESTART_MOST = 1.0, 30.0  # the pause before starting a worker again
 STEADY = 60.0  # a worker up this long had a good run: its next pause is the first again
@@ -388,9 +388,11 @@ class WorkerProcess(ProcessProtocol):
         return lines
 
     def stop(self) -> Deferred[None]:
-        """SIGTERM, then SIGKILL if it is still there after :data:`STOP_GRACE`."""
+        """SIGTERM, then SIGKILL if it is still there once its connections
+        have had their --shutdown-grace, and :data:`STOP_MARGIN` to exit."""
         self._signal("TERM")
-        self._kill_call = self.pool.reactor.callLater(STOP_GRACE, self._signal, "KILL")
+        limit = self.pool.settings.suite.shutdown_grace + STOP_MARGIN
+        self._kill_call = self.pool.reactor.callLater(limit, self._signal, "KILL")
         return self.ended
 
     def _signal(self, name: str) -> None:

@@ -296,7 +296,10 @@ class PoolTests(SynchronousTestCase):
         processes = [process for _, _, process in self.reactor.spawned]
         self.assertEqual([p.signals for p in processes], [["TERM"], ["TERM"]])
         self.worker(2).processEnded(ended(0))
-        self.reactor.advance(workers.STOP_GRACE)
+        # The worker's connections get --shutdown-grace (10 s), and it some time to exit.
+        self.reactor.advance(10 + workers.STOP_MARGIN - 0.1)
+        self.assertEqual(processes[1].signals, ["TERM"])
+        self.reactor.advance(0.1)
         self.assertEqual(processes[1].signals, ["TERM", "KILL"])
         self.assertNoResult(stopped)
         self.worker(3).processEnded(ended(sig=9))
