@@ -193,10 +193,11 @@ def _parse_endpoint(spec: str) -> None:
     try:
         endpoints.serverFromString(reactor, spec)
     except OSError as error:  # a file the endpoint names (ssl: key and certificate)
-        if lacks_tls_files(spec):
-            return  # it names none: --tls-cert/--tls-key fill it in (listening.stream_listener)
-        where = f" {error.filename}" if error.filename else ""
-        raise ValueError(f"endpoint {spec!r}: cannot read{where}: {error.strerror or error}") from None
+        # One that names none is fine: --tls-cert/--tls-key fill it in
+        # (listening.stream_listener); its port is checked all the same.
+        if not lacks_tls_files(spec):
+            where = f" {error.filename}" if error.filename else ""
+            raise ValueError(f"endpoint {spec!r}: cannot read{where}: {error.strerror or error}") from None
     except Exception as error:  # the parsers raise many types; all mean 'bad'
         raise ValueError(f"malformed endpoint {spec!r}: {error}") from None
     kind, _, rest = spec.partition(":")

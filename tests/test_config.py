@@ -154,8 +154,11 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(checks.stream_port(9000), "9000")
         self.assertEqual(checks.stream_port("OFF"), "off")
         self.assertEqual(checks.stream_port("tcp6:9000:interface=\\:\\:1"), "tcp6:9000:interface=\\:\\:1")
-        for bad in ("tcp:", "http:80", "-1", "9000x", True):
+        for bad in ("tcp:", "http:80", "-1", "9000x", True, "tcp:99999"):
             self.assertRaises(ValueError, checks.stream_port, bad)
+        # An ssl: endpoint whose files come from --tls-cert/--tls-key: its port is checked too.
+        self.assertEqual(checks.stream_port("ssl:995"), "ssl:995")
+        self.assertRaises(ValueError, checks.stream_port, "ssl:99999")
 
     def test_udp(self) -> None:
         self.assertEqual(datagram_address("9002", "127.0.0.1"), (9002, "127.0.0.1"))
