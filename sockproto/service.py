@@ -46,10 +46,7 @@ class Suite(MultiService):
                 child.privilegedStartService()
                 started.append(child)
         except StartupError as error:
-            for child in started:
-                child.stopService()
-            log.critical("{error}", error=str(error))
-            _report_cleanly(StartupError)
+            self._abandon_start(started, error)
             raise
         Service.privilegedStartService(self)
 
@@ -59,13 +56,17 @@ class Suite(MultiService):
         try:
             super().startService()
         except StartupError as error:
-            for child in self:
-                child.stopService()
-            log.critical("{error}", error=str(error))
-            _report_cleanly(StartupError)
+            self._abandon_start(list(self), error)
             raise
         # Ready means the reactor runs (and handles SIGTERM), not just listening.
         self.reactor.callWhenRunning(self._ready)
+
+    def _abandon_start(self, started: list[Any], error: StartupError) -> None:
+        """Stops what did start, says why the suite cannot, in one line."""
+        for child in started:
+            child.stopService()
+        log.critical("{error}", error=str(error))
+        _report_cleanly(StartupError)
 
     def _ready(self) -> None:
         self._stop_cleanly_on_sigterm()
