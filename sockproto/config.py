@@ -251,6 +251,8 @@ def build(values: RawValues) -> Settings:
 
 def _check_together(settings: Settings) -> None:
     """Settings that are each fine but do not work together."""
+    if settings.suite.tls_key and not settings.suite.tls_cert:
+        raise ConfigError("--tls-key: needs --tls-cert too")
     if settings.chat.auth and settings.chat.port != "off" and not password_checkers(settings.suite.auth):
         raise ConfigError(
             "--chat-auth ([chat] auth): no one could log in; give the accounts with --auth "

@@ -782,8 +782,6 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     suite = settings.suite
     # TLS files are checked even when POP3 is off: an operator who gave them
     # expects TLS, and a typo must not pass silently.
-    if suite.tls_key and not suite.tls_cert:
-        raise ConfigError("--tls-key: needs --tls-cert too")
     tls = tls_options(suite.tls_cert, suite.tls_key) if suite.tls_cert else None
     description = stream_description(pop3.port, suite.interface, (suite.tls_cert, suite.tls_key))
     if description is None:
