@@ -5,7 +5,8 @@ Three fixes to strcred and cred, made here once for every service:
 - ``memory:USER:PASS`` stores ``str`` names and passwords, so it never matches
   the ``bytes`` credentials protocols build on Python 3: we store bytes.
 - ``file:PATH`` also accepts the salted scrypt hashes ``python -m sockproto
-  passwd`` writes (``USER:$scrypt$n=16384,r=8,p=1$SALT$KEY``); plain
+  passwd`` writes (``USER:$scrypt$n=16384,r=8,p=1,pre=hmac-sha256$SALT$KEY``,
+  or without ``pre=`` from earlier versions); plain
   ``USER:PASSWORD`` lines keep working.
 - A cred Portal keeps one checker per credentials interface, so of several
   ``--auth`` options only the last would count: :func:`any_of` tries each.
