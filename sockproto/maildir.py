@@ -249,9 +249,9 @@ class Maildir:
                 found[unique] = (stat.st_mtime_ns, Message(entry.path, unique, uidl(unique), size))
         return [message for _, message in sorted(found.values(), key=lambda item: (item[0], item[1].unique))]
 
-    def sweep_tmp(self, now: float | None = None) -> int:
+    def sweep_tmp(self) -> int:
         """Delete files in tmp/ older than TMP_MAX_AGE; how many went."""
-        limit = (time.time() if now is None else now) - TMP_MAX_AGE
+        limit = time.time() - TMP_MAX_AGE
         removed = 0
         for entry in _files(self.path / "tmp"):
             try:

@@ -43,7 +43,7 @@ from sockproto.config import ConfigError, Settings
 from sockproto.endpoints import loopback_only, stream_description
 from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, FailureDelays, peer_of
 from sockproto.listening import Listener, StartupError, stream_listener
-from sockproto.maildir import IMaildrop, MailboxInUseError, Maildrop, WireReader, valid_user
+from sockproto.maildir import TMP_MAX_AGE, IMaildrop, MailboxInUseError, Maildrop, WireReader, valid_user
 from sockproto.stats import ServiceStats, Stats
 from sockproto.text import loggable
 
@@ -109,8 +109,9 @@ class MaildirRealm:
         drop = Maildrop.open(self.root, user)
         if drop.swept:
             log.info(
-                "pop3: removed {count} file(s) older than 36 h from {user}/tmp (deliveries that died)",
+                "pop3: removed {count} file(s) older than {hours:g} h from {user}/tmp (deliveries that died)",
                 count=drop.swept,
+                hours=TMP_MAX_AGE / 3600,
                 user=user,
             )
         return IMaildrop, drop, drop.close
