@@ -23,6 +23,7 @@ CLOSING_WORDS = (b"exit", b"quit")
 # Deletes the whitespace and NULs and turns each LF into the NUL that ends an answer,
 # so a whole block of lines is answered in one C-level pass.
 _LF_TO_NUL = bytes.maketrans(b"\n", b"\0")
+_DROPPED_BUT_LF = DROPPED.replace(b"\n", b"")
 
 
 def strip_whitespace(data: bytes) -> bytes:
@@ -76,7 +77,7 @@ class StripProtocol(BoundedLineReceiver):
         if b"exit" in lowered or b"quit" in lowered or len(block) > self.MAX_LENGTH:
             return self._answer_one_by_one(block, rest)
         self.service_stats.handled += block.count(b"\n") + 1
-        transport.write(block.translate(_LF_TO_NUL, b" \t\r\0") + b"\0")
+        transport.write(block.translate(_LF_TO_NUL, _DROPPED_BUT_LF) + b"\0")
         if rest:
             return self._keep(rest)
         return None
@@ -110,8 +111,7 @@ class StripProtocol(BoundedLineReceiver):
         if is_closing(line):
             self.transport.loseConnection()
             return
-        self.service_stats.handled += 1
-        self.transport.write(answer(line))
+        self._send([answer(line)])
 
 
 class StripFactory(Factory):
