@@ -434,7 +434,7 @@ class ChatProtocol(BoundedLineReceiver):
             return
         # Hold the client's later lines until the answer, which may be slowed.
         self._hold("login")
-        checked = authenticate(self.factory.checkers, UsernamePassword(parts[1], parts[2]))
+        checked = self.factory.authenticate(UsernamePassword(parts[1], parts[2]))
         checked.addBoth(self._login_checked, user)
 
     def _login_checked(self, result: Any, user: str) -> None:
@@ -561,13 +561,6 @@ class ChatProtocol(BoundedLineReceiver):
                 self._depart("connection reset")
 
 
-def authenticate(checkers: Sequence[ICredentialsChecker], credentials: Any) -> Deferred[Any]:
-    """The avatar id from the first checker that accepts ``credentials``."""
-    if not checkers:
-        return fail(UnauthorizedLogin())
-    return maybeDeferred(auth.any_of(list(checkers)).requestAvatarId, credentials)
-
-
 class ChatFactory(Factory):
     """The room and the settings every client of it shares."""
 
@@ -584,10 +577,17 @@ class ChatFactory(Factory):
         self.stats = stats
         self.clock = clock
         self.logins = settings.auth
-        self.checkers = [c for c in checkers if IUsernamePassword in c.credentialInterfaces]
+        usable = [c for c in checkers if IUsernamePassword in c.credentialInterfaces]
+        self.checker = auth.any_of(usable) if usable else None
         self.room = Room(settings.history)
         self.login_delays = FailureDelays(settings.login_delay, LOGIN_DELAY_CAP, clock.seconds)
         self._holding = False
+
+    def authenticate(self, credentials: Any) -> Deferred[Any]:
+        """The avatar id from the first checker that accepts ``credentials``."""
+        if self.checker is None:
+            return fail(UnauthorizedLogin())
+        return maybeDeferred(self.checker.requestAvatarId, credentials)
 
     def hold_for_turn(self) -> None:
         """What is said in this reactor turn goes out when the turn ends:
