@@ -211,7 +211,7 @@ class Pop3Protocol(BoundedLineReceiver):
         self._stop_output()
         return b""  # RFC 1939 section 3: close without a response
 
-    def server_stopping(self) -> bytes | defer.Deferred[bytes]:
+    def server_stopping(self) -> defer.Deferred[bytes]:
         """The command in progress (a RETR streaming, a login being checked)
         finishes; the commands after it are not run. Then the session ends
         with the shutdown line, without an UPDATE: nothing is deleted."""
@@ -222,11 +222,9 @@ class Pop3Protocol(BoundedLineReceiver):
             self._waiting.cancel()
             self._waiting = None
         self._update()
-        if self._transfer is None and self._waiting is None:
-            self._stop_output()
-            return SHUTTING_DOWN
-        self._until_done = defer.Deferred()
-        return self._until_done
+        self._until_done = done = defer.Deferred()
+        self._stopped_if_done()  # at once when nothing is in progress
+        return done
 
     def _stopped_if_done(self) -> None:
         if self._until_done is not None and self._transfer is None and self._waiting is None:
