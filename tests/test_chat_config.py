@@ -10,14 +10,9 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockproto import auth, config, tap
+from sockproto import auth, config
 from tests.support import temp_dir
-
-
-def parse(*argv: str) -> tap.Options:
-    options = tap.Options()
-    options.parseOptions(list(argv))
-    return options
+from tests.test_config import parse
 
 
 class ChatSettingsTests(SynchronousTestCase):
