@@ -7,15 +7,15 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import config
-from sockproto.limits import SHUTDOWN_GRACE, ConnectionPolicy, FailureDelays, GuardedFactory, OutputBuffer
-from sockproto.stats import ServiceStats
+from sockproto.limits import SHUTDOWN_GRACE, FailureDelays, GuardedFactory, OutputBuffer
+from tests.test_limits import guarded
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 
@@ -196,12 +196,10 @@ class ShutdownTests(SynchronousTestCase):
     its work in progress, says its last words and closes, all within a grace
     period; the stop waits for that, since the reactor drops unsent output."""
 
-    def setUp(self) -> None:
-        self.clock = Clock()
-
-    def factory_for(self, protocol: type[Protocol]) -> GuardedFactory:
-        stats = ServiceStats("test", "things")
-        return GuardedFactory(Factory.forProtocol(protocol), ConnectionPolicy(), stats, self.clock)
+    def factory_for(self, protocol: type[Protocol], **policy: object) -> GuardedFactory:
+        """The factory's clock becomes the test's: one factory a test."""
+        factory, _, self.clock = guarded(protocol, **policy)
+        return factory
 
     def connect(self, factory: GuardedFactory) -> tuple[Any, StringTransport]:
         wrapper = factory.buildProtocol(PEER)
@@ -311,10 +309,7 @@ class ShutdownTests(SynchronousTestCase):
         self.flushLoggedErrors(RuntimeError)
 
     def test_idle_timeout_lets_a_producer_go_too(self) -> None:
-        stats = ServiceStats("test", "things")
-        factory = GuardedFactory(
-            Factory.forProtocol(Silent), ConnectionPolicy(idle_timeout=5), stats, self.clock
-        )
+        factory = self.factory_for(Silent, idle_timeout=5)
         _, transport = self.connect(factory)
         with capturedLogs():
             self.clock.advance(5)
