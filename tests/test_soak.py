@@ -15,6 +15,15 @@ from bench import soak
 from bench import soak_checks as expect
 
 
+def detached(pipe: soak.Pipe) -> soak.Conn:
+    """A Conn on a bare pipe, taken back off soak's open-connection count at
+    once: it has no transport to close, and the count is the soak's own."""
+    conn = soak.Conn(pipe)
+    conn.closed = True
+    soak.Conn.open_now -= 1
+    return conn
+
+
 class StripTests(SynchronousTestCase):
     def test_answers_drop_whitespace_and_end_in_nul(self) -> None:
         self.assertEqual(expect.strip_answers([b"a b\tc\r", b"", b" x "]), b"abc\0\0x\0")
@@ -79,12 +88,8 @@ class HttpTests(SynchronousTestCase):
                 b"HTTP/1.1 204 No Content\r\n\r\n"
             )
             pipe.eof_received()
-            conn = soak.Conn(pipe)
-            try:
-                return await soak.read_response(conn, "GET"), await soak.read_response(conn, "GET")
-            finally:
-                conn.closed = True
-                soak.Conn.open_now -= 1
+            conn = detached(pipe)
+            return await soak.read_response(conn, "GET"), await soak.read_response(conn, "GET")
 
         first, second = asyncio.run(read())
         self.assertEqual((first.status, first.body), (200, b"abcde"))
@@ -116,12 +121,8 @@ class Pop3Tests(SynchronousTestCase):
         async def read() -> list[tuple[bytes, bytes]]:
             pipe = soak.Pipe()
             pipe.data_received(b"+OK 0 messages\r\n.\r\n+OK\r\n1 2\r\n.\r\n-ERR no\r\n")
-            conn = soak.Conn(pipe)
-            try:
-                return [await soak.pop3_multiline(conn) for _ in range(3)]
-            finally:
-                conn.closed = True
-                soak.Conn.open_now -= 1
+            conn = detached(pipe)
+            return [await soak.pop3_multiline(conn) for _ in range(3)]
 
         self.assertEqual(
             asyncio.run(read()),
@@ -135,9 +136,7 @@ class ConnTests(SynchronousTestCase):
             pipe = soak.Pipe()
             pipe.data_received(b"error: line too long\r\n")
             pipe.connection_lost(ConnectionResetError())
-            conn = soak.Conn(pipe)
-            conn.closed = True
-            soak.Conn.open_now -= 1
+            conn = detached(pipe)
             line = await conn.until(b"\r\n")
             try:
                 await conn.fill()
