@@ -56,10 +56,16 @@ class Reader:
             raise AssertionError(f"the server closed before sending {text!r}; the end: {self.data[-200:]!r}")
 
 
+def chat_suite(test: SynchronousTestCase, *args: str) -> Suite:
+    """A suite serving chat alone on a free port, stopped when ``test`` ends."""
+    suite = Suite([*ALL_OFF, "--chat-port", "0", *args]).start()
+    test.addCleanup(suite.stop)
+    return suite
+
+
 class ChatEndToEndTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.suite = Suite([*ALL_OFF, "--chat-port", "0", "--chat-history", "2"]).start()
-        self.addCleanup(self.suite.stop)
+        self.suite = chat_suite(self, "--chat-history", "2")
 
     def connect(self) -> socket.socket:
         sock = self.suite.connect("chat")
@@ -137,20 +143,7 @@ class ChatEndToEndTests(SynchronousTestCase):
 class StallingShutdownTests(SynchronousTestCase):
     def test_a_client_that_never_reads_delays_the_stop_at_most_the_grace(self) -> None:
         # No cap on pending output, so the stalled client keeps its backlog.
-        suite = Suite(
-            [
-                *ALL_OFF,
-                "--chat-port",
-                "0",
-                "--chat-rate",
-                "0",
-                "--chat-max-pending",
-                "0",
-                "--shutdown-grace",
-                "5",
-            ]
-        ).start()
-        self.addCleanup(suite.stop)
+        suite = chat_suite(self, "--chat-rate", "0", "--chat-max-pending", "0", "--shutdown-grace", "5")
         stalled, talker = socket.socket(), socket.socket()
         for sock in (stalled, talker):
             self.addCleanup(sock.close)
@@ -175,8 +168,7 @@ class SlowConsumerEndToEndTests(SynchronousTestCase):
 
     def test_a_reader_that_stops_costs_the_room_nothing(self) -> None:
         # The default --chat-max-pending (1 MiB), no rate limit.
-        suite = Suite([*ALL_OFF, "--chat-port", "0", "--chat-rate", "0"]).start()
-        self.addCleanup(suite.stop)
+        suite = chat_suite(self, "--chat-rate", "0")
         stalled, talker, listener = socket.socket(), socket.socket(), socket.socket()
         for sock in (stalled, talker, listener):
             self.addCleanup(sock.close)
@@ -215,8 +207,7 @@ class SlowConsumerEndToEndTests(SynchronousTestCase):
 
 class FloodEndToEndTests(SynchronousTestCase):
     def test_a_flooder_is_read_more_slowly_and_loses_nothing(self) -> None:
-        suite = Suite([*ALL_OFF, "--chat-port", "0", "--chat-rate", "50/10"]).start()
-        self.addCleanup(suite.stop)
+        suite = chat_suite(self, "--chat-rate", "50/10")
         flooder, listener = suite.connect("chat"), suite.connect("chat")
         self.addCleanup(flooder.close)
         self.addCleanup(listener.close)
@@ -251,19 +242,7 @@ class FloodEndToEndTests(SynchronousTestCase):
 
 class LoginEndToEndTests(SynchronousTestCase):
     def test_login_required_and_failures_slowed(self) -> None:
-        suite = Suite(
-            [
-                *ALL_OFF,
-                "--chat-port",
-                "0",
-                "--chat-auth",
-                "--auth",
-                "memory:alice:secret",
-                "--chat-login-delay",
-                "0.3",
-            ]
-        ).start()
-        self.addCleanup(suite.stop)
+        suite = chat_suite(self, "--chat-auth", "--auth", "memory:alice:secret", "--chat-login-delay", "0.3")
         with suite.connect("chat") as sock:
             self.assertIn(b"/login USER PASSWORD", recv_until(sock, lambda d: d.endswith(b"\n")))
             sock.sendall(b"hello\n")
