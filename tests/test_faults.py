@@ -3,6 +3,7 @@ delivery interrupted at any point."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -200,36 +201,30 @@ class DeliverInterruptedTests(SynchronousTestCase):
         new = box.path / "new"
 
         class Source(io.BytesIO):
+            """Raises ``fail`` once past 100 kB: a broken or interrupted input."""
+
+            def __init__(self, data: bytes, fail: BaseException | None = None) -> None:
+                super().__init__(data)
+                self.fail = fail
+
             def read(self, size: int = -1) -> bytes:
+                if self.fail is not None and self.tell() > 100_000:
+                    raise self.fail
                 assert not (new.exists() and os.listdir(new)), "partial message visible in new/"
-                return super().read(size)
-
-        class BrokenSource(Source):
-            def read(self, size: int = -1) -> bytes:
-                if self.tell() > 100_000:
-                    raise OSError(errno.EIO, "input/output error")
-                return super().read(size)
-
-        class InterruptedSource(Source):
-            def read(self, size: int = -1) -> bytes:
-                if self.tell() > 100_000:
-                    raise KeyboardInterrupt
                 return super().read(size)
 
         message = b"Subject: x\n\n" + b"y" * 300_000
         full_disk = OSError(errno.ENOSPC, "No space left on device")
-        steps: list[tuple[str, Any, Any, type[BaseException]]] = [
-            ("read", BrokenSource(message), None, OSError),
-            ("signal", InterruptedSource(message), None, KeyboardInterrupt),
+        no_patch = contextlib.nullcontext()
+        steps: list[tuple[str, Source, contextlib.AbstractContextManager[Any], type[BaseException]]] = [
+            ("read", Source(message, OSError(errno.EIO, "input/output error")), no_patch, OSError),
+            ("signal", Source(message, KeyboardInterrupt()), no_patch, KeyboardInterrupt),
             ("fsync", Source(message), mock.patch("os.fsync", side_effect=full_disk), OSError),
             ("rename", Source(message), mock.patch("os.rename", side_effect=full_disk), OSError),
         ]
         for step, source, patch, error in steps:
-            if patch is None:
+            with patch:
                 self.assertRaises(error, box.deliver, source)
-            else:
-                with patch:
-                    self.assertRaises(error, box.deliver, source)
             self.assertEqual((self.listing("new"), self.listing("tmp")), ([], []), step)
         delivered = box.deliver(Source(message))
         self.assertEqual(delivered.read_bytes(), message)
