@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,14 +106,9 @@ class Harness:
         self.connections.append(connection)
         return connection
 
-    def pump(self, limit: int = 10000) -> None:
-        """Run what is due now (producer steps) until nothing is."""
-        for _ in range(limit):
-            now = self.clock.seconds()
-            if not any(call.getTime() <= now for call in self.clock.getDelayedCalls()):
-                return
-            self.clock.advance(0)
-        raise AssertionError("the producers never stop")
+    def pump(self) -> None:
+        """Run what is due now: producer steps, and the steps they schedule in turn."""
+        self.clock.advance(0)
 
     def close_all(self) -> None:
         """What the reactor does when a test's connections go (it closes their bodies' files)."""
@@ -129,10 +125,10 @@ class Harness:
 class Connection:
     lost = False
 
-    def __init__(self, protocol: Any, transport: StringTransport, pump: Any = None) -> None:
+    def __init__(self, protocol: Any, transport: StringTransport, pump: Callable[[], None]) -> None:
         self.protocol = protocol
         self.transport = transport
-        self.pump = pump or (lambda: None)
+        self.pump = pump
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
@@ -207,7 +203,7 @@ class PureFunctionTests(SynchronousTestCase):
 
 
 class RandomBytesProducerTests(SynchronousTestCase):
-    """The producer alone: the route needs the reactor's cooperator (see e2e)."""
+    """The producer alone, pulled by hand; the /bytes route is served on the Clock in test_properties_http."""
 
     def test_one_chunk_per_pull_then_finish(self) -> None:
         consumer = Consumer()
@@ -806,7 +802,7 @@ class ConnectionCapTests(SynchronousTestCase):
 
 class GracefulStopTests(SynchronousTestCase):
     """At a stop, a response under way is finished; the connection then
-    closes. (Downloads need the reactor's cooperator: see test_graceful_stop.)"""
+    closes. (A download under way at a stop: see test_graceful_stop.)"""
 
     def setUp(self) -> None:
         self.http = Harness(self)
