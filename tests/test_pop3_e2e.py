@@ -92,8 +92,11 @@ class Pop3EndToEndTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.box = Box(self)
         self.cert, self.key = make_certificate(self.box.folder / "tls")
+        # Only test_failed_login_is_delayed_while_others_are_served fails a
+        # login: a delay long enough that the other session surely ends within
+        # it (the test checks order and the delay's lower bound, never an upper one).
         self.suite = start(
-            self, self.box, "--tls-cert", self.cert, "--tls-key", self.key, "--pop3-auth-delay", "0.3"
+            self, self.box, "--tls-cert", self.cert, "--tls-key", self.key, "--pop3-auth-delay", "3"
         )
 
     def client(self, host: str = "127.0.0.1") -> poplib.POP3:
@@ -151,11 +154,7 @@ class Pop3EndToEndTests(SynchronousTestCase):
         apop.quit()
 
     def test_failed_login_is_delayed_while_others_are_served(self) -> None:
-        # A delay long enough that the other session surely ends within it:
-        # the test checks order (the good login is served while the failed
-        # one waits) and the delay's lower bound, never an upper bound.
-        self.suite.stop()
-        self.suite = start(self, self.box, "--pop3-auth-delay", "3")
+        """The good login is served while the failed one waits out setUp's 3 s delay."""
         slow = self.suite.connect("pop3")
         self.addCleanup(slow.close)
         recv_until(slow, lambda d: d.endswith(b"\r\n"))
