@@ -17,30 +17,22 @@ not taken from pop3.py.
 
 from __future__ import annotations
 
-import io
 import itertools
 import os
 import re
-from pathlib import Path
 from typing import Any
 from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockproto.limits import ConnectionPolicy, GuardedFactory
-from sockproto.maildir import Maildir
-from sockproto.pop3 import MAX_BACKLOG, MAX_LINE, AnyLogin, MaildirRealm, Pop3Factory
-from sockproto.stats import Stats
-from tests.support import temp_dir
-from tests.test_pop3 import FlowTransport
+from sockproto.pop3 import MAX_BACKLOG, MAX_LINE, AnyLogin
+from tests.test_pop3 import FlowTransport, Server
 
 MAX_CHUNK = 200
 NUMBER = re.compile(rb"[0-9]{1,9}")
@@ -242,18 +234,13 @@ def parse(test: SynchronousTestCase, output: bytes, model: Model, lines: list[by
 
 class Session:
     def __init__(self, test: SynchronousTestCase, messages: list[bytes]) -> None:
-        root = Path(temp_dir(test))
-        box = Maildir(root / "alice")
+        server = Server(test, checkers=[AnyLogin()])
         with mock.patch("os.fsync"):  # durability is not what is tested here
             for when, message in enumerate(messages, 1):
-                path = box.deliver(io.BytesIO(message))
+                path = server.deliver(message)
                 os.utime(path, ns=(when, when))  # the order of the listing
-        clock = Clock()
-        stats = Stats(clock.seconds).service("pop3", "commands")
-        factory = Pop3Factory(Portal(MaildirRealm(root), [AnyLogin()]), stats, clock, root=root)
-        guarded = GuardedFactory(factory, ConnectionPolicy(10, idle_timeout=600), stats, clock)
         self.transport = TinyWindow(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
-        self.guard = guarded.buildProtocol(self.transport.getPeer())
+        self.guard = server.guarded.buildProtocol(self.transport.getPeer())
         self.guard.makeConnection(self.transport)
         self.protocol = self.guard.wrappedProtocol
         self.guard.dataReceived(b"USER alice\r\nPASS any\r\n")
