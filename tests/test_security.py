@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import os
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import auth
-from sockproto.maildir import Maildir
 from sockproto.pop3 import AnyLogin
 from tests.support import temp_dir
 from tests.test_chat import ChatTestCase
@@ -273,7 +271,7 @@ class Pop3LogForgingTests(SynchronousTestCase):
 
     def test_pop3(self) -> None:
         server = Server(self)
-        Maildir(server.root / "alice").deliver(io.BytesIO(b"Subject: x\n\nx\n"))
+        server.deliver(b"Subject: x\n\nx\n")
         holder = server.connect()
         holder.login()
         with capturedLogs() as events:
