@@ -96,14 +96,14 @@ class WireFormatTests(SynchronousTestCase):
         self.assertEqual(wire(b"end\r"), b"end\r\r\n.\r\n")
         self.assertEqual(wire_size(io.BytesIO(b"end\r")), len(b"end\r\r\n"))
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=300)
     @given(st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"")), st.integers(1, 40))
     def test_any_message_any_chunk_size(self, message: bytes, chunk: int) -> None:
         out = wire(message, chunk=chunk)
         self.assertEqual(out, reference(message))
         self.assertEqual(len(unstuff(out)), wire_size(io.BytesIO(message), chunk))
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=300)
     @given(st.binary(max_size=200), st.integers(1, 30))
     def test_size_is_what_the_client_counts(self, message: bytes, chunk: int) -> None:
         out = wire(message, chunk=chunk)

@@ -209,7 +209,7 @@ class ChatPropertyTests(SynchronousTestCase):
                 assert sum(map(len, protocol._lines)) <= MAX_CHUNK + MAX_LINE
                 assert protocol.output.pending <= MAX_PENDING, protocol.output.pending
 
-    @settings(max_examples=120, deadline=None)
+    @settings(max_examples=120)
     @given(logins=st.booleans(), script=actions)
     def test_any_traffic(self, logins: bool, script: list[tuple[Any, ...]]) -> None:
         room = Room(logins)

@@ -23,7 +23,7 @@ import re
 from typing import Any
 from unittest import mock
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -262,7 +262,6 @@ class Session:
 
 
 class Pop3PropertyTests(SynchronousTestCase):
-    @settings(max_examples=100, deadline=None)
     @given(data=st.data(), stored=messages, stream=streams(), half_close=st.booleans())
     def test_any_command_stream(
         self, data: Any, stored: list[bytes], stream: bytes, half_close: bool

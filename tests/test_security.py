@@ -96,7 +96,7 @@ class Pop3LoginTests(SynchronousTestCase):
         server.deliver(b"Subject: for bob\n\nbob's\n", "bob")
         return server
 
-    @examples(max_examples=60, deadline=None)
+    @examples(max_examples=60)
     @given(password=wrong_passwords, way=st.sampled_from(["USER", "AUTH", "APOP"]))
     def test_no_wrong_password_lets_anyone_in(self, password: bytes, way: str) -> None:
         server = self.server()
@@ -207,7 +207,7 @@ class MaildirNameTests(SynchronousTestCase):
             client.lose()
         self.assertEqual(sorted(os.listdir(self.root)), ["alice", "bob"])
 
-    @examples(max_examples=80, deadline=None)
+    @examples(max_examples=80)
     @given(
         name=st.one_of(st.binary(min_size=1, max_size=80), st.text(min_size=1, max_size=80).map(str.encode))
     )
@@ -232,7 +232,7 @@ class ChatLoginTests(ChatTestCase):
     settings = {"rate": (0.0, 0.0), "auth": True, "login_delay": 1.0}
     accounts = {b"alice": RIGHT, b"bob": b"hunter2"}
 
-    @examples(max_examples=60, deadline=None)
+    @examples(max_examples=60)
     @given(password=wrong_passwords, user=st.sampled_from([b"alice", b"Alice", b"ALICE", b"alice_"]))
     def test_no_wrong_password_lets_anyone_in(self, password: bytes, user: bytes) -> None:
         self.setUp()  # a fresh room for each example
