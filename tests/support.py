@@ -7,6 +7,7 @@ a free port. Every wait has a deadline; nothing sleeps and hopes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 20.0
@@ -242,3 +245,11 @@ class Consumer:
                 return b"".join(self.chunks)
             self.producer.resumeProducing()
         raise AssertionError("the producer never ends")
+
+
+@st.composite
+def cut(draw: Any, data: bytes, max_cuts: int) -> list[bytes]:
+    """``data`` in chunks, split at up to ``max_cuts`` arbitrary points."""
+    points = sorted(draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=max_cuts)))
+    bounds = [0, *[p for p in points if p < len(data)], len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]

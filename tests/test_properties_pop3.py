@@ -17,7 +17,6 @@ not taken from pop3.py.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 from typing import Any
@@ -32,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto.pop3 import MAX_BACKLOG, MAX_LINE, AnyLogin
+from tests.support import cut
 from tests.test_pop3 import FlowTransport, Server
 
 MAX_CHUNK = 200
@@ -101,11 +101,8 @@ def streams(draw: Any) -> bytes:
     return b"".join(lines)
 
 
-@st.composite
-def cut(draw: Any, data: bytes) -> list[bytes]:
-    points = sorted(draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=15)))
-    bounds = [0, *[p for p in points if p < len(data)], len(data)]
-    chunks = [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+def small_pieces(chunks: list[bytes]) -> list[bytes]:
+    """Chunks of at most MAX_CHUNK bytes."""
     return [chunk[i : i + MAX_CHUNK] for chunk in chunks for i in range(0, len(chunk), MAX_CHUNK)]
 
 
@@ -269,7 +266,7 @@ class Pop3PropertyTests(SynchronousTestCase):
         with capturedLogs() as events:
             session = Session(self, stored)
             output = b""
-            for chunk in data.draw(cut(stream)):
+            for chunk in data.draw(cut(stream, 15).map(small_pieces)):
                 output += session.feed(chunk, read_now=data.draw(st.booleans()))
             output += session.transport.read()
             if half_close and not session.transport.disconnecting:

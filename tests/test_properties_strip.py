@@ -6,7 +6,6 @@ written here from the README (not from strip.py) says what must come back.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 from hypothesis import given
@@ -20,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sockproto import strip
 from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
+from tests.support import cut
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 TOO_LONG = BoundedLineReceiver.line_too_long_message
@@ -35,14 +35,6 @@ pieces = st.one_of(
     st.integers(1, 80).map(lambda n: b"x" * n),
 )
 streams = st.lists(pieces, max_size=40).map(b"".join)
-
-
-@st.composite
-def cut(draw: Any, data: bytes) -> list[bytes]:
-    """``data`` in chunks, split at arbitrary points."""
-    points = sorted(draw(st.sets(st.integers(1, max(1, len(data) - 1)), max_size=12)))
-    bounds = [0, *[p for p in points if p < len(data)], len(data)]
-    return [data[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def expected(stream: bytes, max_line: int, half_close: bool) -> tuple[bytes, bool]:
@@ -89,7 +81,7 @@ class Run:
 class StripPropertyTests(SynchronousTestCase):
     @given(streams, st.integers(1, 64), st.booleans(), st.data())
     def test_any_stream_cut_anywhere(self, stream: bytes, max_line: int, half_close: bool, data: Any) -> None:
-        chunks = data.draw(cut(stream))
+        chunks = data.draw(cut(stream, 12))
         whole, split = Run(max_line), Run(max_line)
         with capturedLogs() as events:
             output = whole.feed([stream] if stream else [], half_close)
