@@ -38,6 +38,7 @@ from sockproto.stats import ServiceStats
 from sockproto.text import loggable
 from tests.support import ALL_OFF, Suite, recv_all, temp_dir
 from tests.test_http import Harness, parse_responses
+from tests.test_strip import connect
 from tests.test_udp import NOW, FakeDatagramTransport
 
 FORGED = "\r\n2026-11-22T04:03:05+0000 [sockproto#info] strip: forged line"
@@ -118,12 +119,6 @@ class PeerTests(SynchronousTestCase):
 class StripLogTests(SynchronousTestCase):
     """The shared guard's and line policy's lines, through the strip server."""
 
-    def connect(self, factory: GuardedFactory, peer: Any) -> tuple[Any, StringTransport]:
-        protocol = factory.buildProtocol(peer)
-        transport = StringTransport(peerAddress=peer)
-        protocol.makeConnection(transport)
-        return protocol, transport
-
     @given(hostile_text)
     def test_every_line_with_a_unix_peer(self, name: str) -> None:
         clock = Clock()
@@ -132,9 +127,9 @@ class StripLogTests(SynchronousTestCase):
         factory = GuardedFactory(strip.StripFactory(8, stats), policy, stats, clock)
         peer = unix_peer("/tmp/" + name)
         with capturedLogs() as events:
-            first, _ = self.connect(factory, peer)
-            self.connect(factory, peer)
-            self.connect(factory, peer)  # too many clients
+            first, _ = connect(factory, peer)
+            connect(factory, peer)
+            connect(factory, peer)  # too many clients
             first.dataReceived(b"x" * 20)  # line too long
             first.connectionLost(None)
             clock.advance(6)  # the second one: idle

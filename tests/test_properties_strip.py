@@ -10,9 +10,7 @@ from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -20,8 +18,8 @@ from sockproto import strip
 from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
 from tests.support import cut
+from tests.test_strip import connect
 
-PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 TOO_LONG = BoundedLineReceiver.line_too_long_message
 SEPARATORS = b" \t\r\n"
 
@@ -63,9 +61,7 @@ class Run:
         factory = GuardedFactory(
             strip.StripFactory(max_line, self.stats), ConnectionPolicy(), self.stats, Clock()
         )
-        self.guard = factory.buildProtocol(PEER)
-        self.transport = StringTransport(peerAddress=PEER)
-        self.guard.makeConnection(self.transport)
+        self.guard, self.transport = connect(factory)
         self.protocol = self.guard.wrappedProtocol
         self.peak_buffer = 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
@@ -15,9 +17,9 @@ from sockproto.stats import ServiceStats
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 
 
-def connect(factory: GuardedFactory) -> tuple[object, StringTransport]:
-    protocol = factory.buildProtocol(PEER)
-    transport = StringTransport(peerAddress=PEER)
+def connect(factory: GuardedFactory, peer: Any = PEER) -> tuple[Any, StringTransport]:
+    protocol = factory.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
     protocol.makeConnection(transport)
     return protocol, transport
 
