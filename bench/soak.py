@@ -47,7 +47,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -1211,7 +1210,6 @@ class ChatMember:
 
     def line(self, action: bool = False) -> bytes:
         """A tagged line, sometimes with controls and bad UTF-8 the server must clean."""
-        self.seq += 1
         rng = self.load.rng
         words = [rng.choice(["héllo", "wörld", "✓", "tab\there", "soak", "x" * rng.randrange(1, 60)])]
         raw = " ".join(words).encode()
@@ -1219,16 +1217,17 @@ class ChatMember:
             dirt = rng.choice([b"\x1b[31m", b"\x07", b"\x00", b"\x08", b"\x7f", b"\xc2\x9b", b"\xff", b"\r"])
             cut = rng.randrange(len(raw) + 1)
             raw = raw[:cut] + dirt + raw[cut:]
-        core = f"{self.tag} {self.seq} {expect.chat_relayed(raw)}"
-        crc = f" #{zlib.crc32(core.encode()):08x}"
-        text = f"soak {self.tag} {self.seq} ".encode() + raw + crc.encode()
+        text = self._tagged(raw)
         return (b"/me " + text if action else text) + b"\n"
+
+    def _tagged(self, said: bytes) -> bytes:
+        """Our next tagged text around ``said``: numbered on from the last, so readers see gaps."""
+        self.seq += 1
+        return expect.tagged_said(self.tag, self.seq, said)
 
     async def say(self, line: bytes) -> None:
         """Says a tagged line built around ``line`` (to everyone; no one waits for it)."""
-        self.seq += 1
-        core = f"{self.tag} {self.seq} {expect.chat_relayed(line)}"
-        await self.conn.send(b"soak " + core.encode() + f" #{zlib.crc32(core.encode()):08x}\n".encode())
+        await self.conn.send(self._tagged(line) + b"\n")
 
     async def say_to(self, other: ChatMember, action: bool = False) -> None:
         line = self.line(action)

@@ -106,8 +106,15 @@ def welcome_nick(line: bytes) -> str | None:
 
 def tagged(tag: str, seq: int, body: str) -> str:
     """A chat text that carries its own checksum, so every reader can verify it."""
-    core = f"{tag} {seq} {body}"
-    return f"soak {core} #{zlib.crc32(core.encode()):08x}"
+    return tagged_said(tag, seq, body.encode()).decode()
+
+
+def tagged_said(tag: str, seq: int, said: bytes) -> bytes:
+    """``tagged`` around bytes a client says as they are (maybe dirty): the checksum
+    covers what the others get of them once the server has cleaned them."""
+    head = f"{tag} {seq} "
+    crc = zlib.crc32((head + chat_relayed(said)).encode())
+    return b"soak " + head.encode() + said + f" #{crc:08x}".encode()
 
 
 @dataclass(frozen=True)
