@@ -1617,12 +1617,12 @@ class Pop3Session:
         login = await pop3_line(conn)
         if login.startswith(b"-ERR [IN-USE]"):
             raise WrongAnswerError(f"{self.user}'s mailbox in use, yet only one session uses it")
-        sizes = [expect.pop3_size(m) for m in self.messages]
-        wanted = b"+OK %s's maildrop has %d messages (%d octets)\r\n" % (user, len(sizes), sum(sizes))
+        wanted = expect.pop3_maildrop(self.user, self.messages)
         if login != wanted:
             raise WrongAnswerError(f"{way} login of {self.user}: {login!r}, wanted {wanted!r}")
         self.load.tally.ok("pop3")
 
+        sizes = [expect.pop3_size(m) for m in self.messages]
         count, total = len(sizes), sum(sizes)
         listing = b"".join(b"%d %d\r\n" % (n, s) for n, s in enumerate(sizes, 1)) + b".\r\n"
         pipelined = rng.random() < 0.3
@@ -1856,12 +1856,7 @@ async def final_checks(load: Load) -> dict[str, str]:
             try:
                 await pop3_greeting(conn)
                 answer = await load.pop3_login(conn, user, load.fixtures.passwords[user])
-                sizes = [expect.pop3_size(m) for m in messages]
-                wanted = b"+OK %s's maildrop has %d messages (%d octets)\r\n" % (
-                    user.encode(),
-                    len(sizes),
-                    sum(sizes),
-                )
+                wanted = expect.pop3_maildrop(user, messages)
                 if answer != wanted:
                     raise WrongAnswerError(f"mail lost: {answer!r}, wanted {wanted!r}")
                 await conn.send(b"QUIT\r\n")

@@ -228,6 +228,12 @@ def pop3_size(message: bytes) -> int:
     return sum(len(line) + 2 for line in pop3_lines(message))
 
 
+def pop3_maildrop(user: str, messages: Sequence[bytes]) -> bytes:
+    """The answer to a successful login: what the mailbox holds, in messages and octets."""
+    sizes = [pop3_size(message) for message in messages]
+    return b"+OK %s's maildrop has %d messages (%d octets)\r\n" % (user.encode(), len(sizes), sum(sizes))
+
+
 def pop3_wire(lines: Iterable[bytes]) -> bytes:
     """Lines as they follow ``+OK``: CRLF, dot-stuffed, then the ``.`` line."""
     return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines) + b".\r\n"
