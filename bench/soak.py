@@ -1126,15 +1126,7 @@ class ChatMember:
         self.leaving = False
 
     async def join(self) -> None:
-        async with asyncio.timeout(DEADLINE):
-            try:
-                first = await self.conn.until(b"\r\n")
-            except PeerClosedError as error:
-                if error.partial == expect.CHAT_OVERFLOW:
-                    raise RefusedError() from None
-                raise
-        if first == expect.CHAT_OVERFLOW:
-            raise RefusedError()
+        first = await first_line(self.conn, expect.CHAT_OVERFLOW)
         nick = expect.welcome_nick(first)
         if nick is None:
             raise WrongAnswerError(f"chat welcome: {first!r}")
@@ -1487,6 +1479,21 @@ def refused_by_cap(service: str, answer: bytes) -> None:
         raise RefusedError()
 
 
+async def first_line(conn: Conn, overflow: bytes) -> bytes:
+    """The server's first line (within DEADLINE); RefusedError if it is ``overflow``,
+    the service's refusal at its connection cap, whether the close came after it or not."""
+    async with asyncio.timeout(DEADLINE):
+        try:
+            first = await conn.until(b"\r\n")
+        except PeerClosedError as error:
+            if error.partial == overflow:
+                raise RefusedError() from None
+            raise
+    if first == overflow:
+        raise RefusedError()
+    return first
+
+
 def check_garbage_answer(service: str, answer: bytes) -> None:
     """Whatever a service answers to garbage must still be its protocol."""
     refused_by_cap(service, answer)
@@ -1564,14 +1571,7 @@ async def pop3_multiline(conn: Conn) -> tuple[bytes, bytes]:
 
 
 async def pop3_greeting(conn: Conn) -> bytes:
-    try:
-        greeting = await pop3_line(conn)
-    except PeerClosedError as error:
-        if error.partial == expect.POP3_OVERFLOW:
-            raise RefusedError() from None
-        raise
-    if greeting == expect.POP3_OVERFLOW:
-        raise RefusedError()
+    greeting = await first_line(conn, expect.POP3_OVERFLOW)
     if not greeting.startswith(b"+OK ") or not greeting.endswith(b">\r\n"):
         raise WrongAnswerError(f"greeting {greeting!r}")
     return greeting
