@@ -638,8 +638,7 @@ class Load:
         try:
             while self.running:
                 await self.strip_exchange(conn, self.strip_lines(1))
-                if not await self.pause(self.rng.uniform(3, 12)):
-                    break
+                await self.pause(self.rng.uniform(3, 12))
         finally:
             conn.close()
 
@@ -811,8 +810,7 @@ class Load:
         try:
             while self.running:
                 await self.http_exchange(conn, [http_case(self.rng, self.fixtures)])
-                if not await self.pause(self.rng.uniform(3, 15)):
-                    break
+                await self.pause(self.rng.uniform(3, 15))
         finally:
             conn.close()
 
@@ -872,8 +870,7 @@ class Load:
                 if not status.startswith(b"+OK") or b"\r\nUIDL\r\n" not in b"\r\n" + body:
                     raise WrongAnswerError(f"CAPA: {status!r} {body[:80]!r}")
                 self.tally.ok("pop3")
-                if not await self.pause(self.rng.uniform(5, 20)):
-                    break
+                await self.pause(self.rng.uniform(5, 20))
             await conn.send(b"QUIT\r\n")
         finally:
             conn.close()
