@@ -201,13 +201,14 @@ def line_up(
     service: str,
     ours_extra: Sequence[str],
     peers: Sequence[tuple[str, Callable[[int], list[str]]]],
-    reference: Sequence[str],
+    reference: Sequence[str] | None,
     ready: Callable[[int], bool],
     skipped_figures: tuple[Sequence[str], Sequence[Metric]],
     kind: int = socket.SOCK_STREAM,
 ) -> tuple[list[Server], list[Figure]]:
     """Start sockproto with only ``service`` on, the peers, and the C reference
-    (``loadgen serve PORT *reference``), each stopped when ``stack`` closes.
+    (``loadgen serve PORT *reference``; None: the service has none), each
+    stopped when ``stack`` closes.
 
     Returns the servers in that order, and, when the suite does not have the
     service, figures that say so for ``skipped_figures`` (cases, metrics).
@@ -221,8 +222,10 @@ def line_up(
     else:
         stack.callback(ours.stop)
         servers.append(ours)
-    loadgen = str(ctx.loadgen)
-    commands = [*peers, (C_REFERENCE, lambda port: [loadgen, "serve", str(port), *reference])]
+    commands = list(peers)
+    if reference is not None:
+        loadgen, serve = str(ctx.loadgen), list(reference)
+        commands.append((C_REFERENCE, lambda port: [loadgen, "serve", str(port), *serve]))
     for name, command in commands:
         server = start_peer(name, command, ctx.work, ready, kind)
         stack.callback(server.stop)

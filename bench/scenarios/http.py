@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import wrk
-from bench.harness import Context, Metric, interleaved_rounds, skipped
-from bench.servers import PYTHON, Server, python_peer, start_ours, start_peer, tcp_answers
-from bench.stats import OURS, Figure
+from bench.harness import Context, Metric, interleaved_rounds, line_up
+from bench.servers import PYTHON, Server, python_peer, tcp_answers
+from bench.stats import Figure
 
 CONNECTIONS = 50
 BIG_FILE = "big.bin"
@@ -58,7 +59,7 @@ def make_site(work: Path) -> Path:
     return www
 
 
-def nginx_command(work: Path, www: Path):
+def nginx_command(work: Path, www: Path) -> Callable[[int], list[str]]:
     def command(port: int) -> list[str]:
         prefix = work / f"nginx-{port}"
         prefix.mkdir(exist_ok=True)
@@ -69,7 +70,7 @@ def nginx_command(work: Path, www: Path):
     return command
 
 
-def peers(work: Path, www: Path) -> list[tuple[str, object]]:
+def peers(work: Path, www: Path) -> list[tuple[str, Callable[[int], list[str]]]]:
     files = str(www / "files")
     found = [
         ("twisted.web Site", python_peer("http_twisted", files)),
@@ -118,23 +119,16 @@ def run(ctx: Context) -> list[Figure]:
     )
     www = make_site(ctx.work)
     with ctx.servers() as stack:
-        servers: list[Server] = []
-        ours = start_ours(
+        servers, figures = line_up(
+            ctx,
+            stack,
             "http",
             ["--http-root", str(www / "files"), "--http-max-clients", "0"],
-            ctx.work,
-            ctx.plan.ours_args,
+            peers(ctx.work, www),
+            None,
             tcp_answers,
+            (list(CASES), METRICS),
         )
-        if ours is None:
-            figures += skipped("http", list(CASES), METRICS, OURS, "not in the suite yet")
-        else:
-            stack.callback(ours.stop)
-            servers.append(ours)
-        for name, command in peers(ctx.work, www):
-            server = start_peer(name, command, ctx.work, tcp_answers)
-            stack.callback(server.stop)
-            servers.append(server)
 
         def measure(server: Server, case: str) -> dict[str, float]:
             return wrk.run(f"http://127.0.0.1:{server.port}{path_of(case)}", CONNECTIONS, ctx.plan.duration)

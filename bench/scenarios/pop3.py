@@ -9,12 +9,13 @@ import pwd
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Context, Metric, interleaved_rounds, skipped
-from bench.servers import Server, start_ours, start_peer, tcp_answers
-from bench.stats import OURS, Figure, median
+from bench.harness import Context, Metric, interleaved_rounds, line_up
+from bench.servers import Server, tcp_answers
+from bench.stats import Figure, median
 
 BOX, BIG, PASSWORD = "box1000", "big", "bench"
 MESSAGES = 1000
@@ -175,7 +176,7 @@ def retrieve_big(port: int) -> dict[str, Any]:
     return {"seconds": seconds}
 
 
-def dovecot_command(work: Path, maildir: Path):
+def dovecot_command(work: Path, maildir: Path) -> Callable[[int], list[str]]:
     def command(port: int) -> list[str]:
         home = work / "dovecot"
         for sub in ("index", "control", "state"):
@@ -216,30 +217,29 @@ def run(ctx: Context) -> list[Figure]:
         "sockproto runs with `--maildir DIR --auth memory:USER:PASS`; Dovecot with its defaults on"
         " loopback (plaintext allowed, `ssl = no`), a passwd-file, and its index outside the Maildir.",
     )
-    figures: list[Figure] = []
+    try:
+        pwd.getpwnam("dovecot")
+        has_dovecot = shutil.which("dovecot") is not None
+    except KeyError:
+        has_dovecot = False
+    peers: list[tuple[str, Callable[[int], list[str]]]] = []
+    if has_dovecot:
+        _give_to_dovecot(maildir)
+        peers.append(("Dovecot pop3d", dovecot_command(ctx.work, maildir)))
+    else:
+        ctx.note("pop3: Dovecot is not installed (scripts/bench installs dovecot-pop3d with apt-get)")
     with ctx.servers() as stack:
-        servers: list[Server] = []
         auth = [arg for user in (BOX, BIG) for arg in ("--auth", f"memory:{user}:{PASSWORD}")]
-        ours = start_ours(
-            "pop3", ["--maildir", str(maildir), *auth], ctx.work, ctx.plan.ours_args, tcp_answers
+        servers, figures = line_up(
+            ctx,
+            stack,
+            "pop3",
+            ["--maildir", str(maildir), *auth],
+            peers,
+            None,
+            tcp_answers,
+            (list(CASES), METRICS),
         )
-        if ours is None:
-            figures += skipped("pop3", list(CASES), METRICS, OURS, "not in the suite yet")
-        else:
-            stack.callback(ours.stop)
-            servers.append(ours)
-        try:
-            pwd.getpwnam("dovecot")
-            has_dovecot = shutil.which("dovecot") is not None
-        except KeyError:
-            has_dovecot = False
-        if has_dovecot:
-            _give_to_dovecot(maildir)
-            peer = start_peer("Dovecot pop3d", dovecot_command(ctx.work, maildir), ctx.work, tcp_answers)
-            stack.callback(peer.stop)
-            servers.append(peer)
-        else:
-            ctx.note("pop3: Dovecot is not installed (scripts/bench installs dovecot-pop3d with apt-get)")
 
         def measure(server: Server, case: str) -> dict[str, Any]:
             if case == CASES[0]:
