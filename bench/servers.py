@@ -129,13 +129,13 @@ class Process:
         self.command = list(command)
         self.log = log
         self.cwd = cwd
-        self.cores = None if all_cores or SERVER_CORES is None else set(SERVER_CORES)
+        self.all_cores = all_cores
         self.popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Process:
-        cores = self.cores
-        if cores is None and SERVER_CORES is not None:
-            cores = set(os.sched_getaffinity(0)) | SERVER_CORES  # the whole machine
+        cores: set[int] | None = None  # left alone: the bench is not pinned either
+        if SERVER_CORES is not None:  # the server's core, or with all_cores the whole machine
+            cores = set(os.sched_getaffinity(0)) | SERVER_CORES if self.all_cores else set(SERVER_CORES)
         with open(self.log, "ab") as out:
             self.popen = subprocess.Popen(
                 self.command,
