@@ -678,6 +678,15 @@ typedef struct {
     outbuf_t out;
 } room_client_t;
 
+/* EPOLLOUT is level-triggered: left on once the buffer is empty, it fires
+   on every wait and the room spins. */
+static void room_want_out(int ep, room_client_t *k, int index) {
+    if ((k->out.len > 0) != k->want_out) {
+        k->want_out = k->out.len > 0;
+        watch(ep, k->fd, EPOLLIN | (k->want_out ? EPOLLOUT : 0), (uint64_t)index, EPOLL_CTL_MOD);
+    }
+}
+
 static _Noreturn void run_serve_chat(const struct sockaddr_in *sa) {
     static const char greeting[] = "*** welcome to the C reference room\r\n";
     int lfd = listen_on(sa), one = 1;
@@ -721,8 +730,10 @@ static _Noreturn void run_serve_chat(const struct sockaddr_in *sa) {
             room_client_t *k = clients[index];
             if (!k) continue;
             ssize_t got = 0;
-            if (!(events[e].events & EPOLLOUT) || out_flush(k->fd, &k->out) == 0)
+            if (!(events[e].events & EPOLLOUT) || out_flush(k->fd, &k->out) == 0) {
+                room_want_out(ep, k, index); /* a turn where nobody speaks has no fan-out to do it */
                 got = recv(k->fd, k->in + k->in_len, sizeof k->in - k->in_len, 0);
+            }
             if (got < 0 && (errno == EAGAIN || errno == EINTR)) continue;
             if (got <= 0) { /* gone: close it too (a probe waits for that) */
                 close(k->fd);
@@ -757,10 +768,7 @@ static _Noreturn void run_serve_chat(const struct sockaddr_in *sa) {
                 for (int j = 0; j < said; j++)
                     if (senders[j] != i) out_append(&k->out, turn.data + starts[j], starts[j + 1] - starts[j]);
             out_flush(k->fd, &k->out);
-            if ((k->out.len > 0) != k->want_out) {
-                k->want_out = k->out.len > 0;
-                watch(ep, k->fd, EPOLLIN | (k->want_out ? EPOLLOUT : 0), (uint64_t)i, EPOLL_CTL_MOD);
-            }
+            room_want_out(ep, k, i);
         }
     }
 }
