@@ -19,7 +19,12 @@ them at once, from this one asyncio process:
   stop reading (chat, HTTP ``/bytes``, POP3 RETR), resets mid-reply (RST via
   SO_LINGER 0), half-closes, open-and-drop in a tight loop, a crowd over the
   POP3 cap, wrong passwords and hostile user names, DELE then reset, and a UDP
-  flood from many source ports.
+  flood from many source ports;
+- hostile ones: smuggling request framing (obs-fold, no Host, absolute-form),
+  a keep-alive log flood, chunked uploads over the body limit, /anything
+  echoes never read, files that shrink, grow or are swapped for a symlink or a
+  FIFO while served, wrong POP3 logins that hang up at once, chat lines with
+  bidi overrides, zero-width characters and telnet commands.
 
 At the end every service must still answer, every mailbox must hold every
 message, and no connection may still be counted open. It prints one summary
@@ -37,6 +42,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import resource
 import shutil
@@ -48,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +88,10 @@ TCP = ("strip", "chat", "http", "pop3")
 # 15 s run in scripts/test catches leaks about four times as large.
 GROWTH_LIMIT_KIB = 24 * 1024
 PEAK_LIMIT_KIB = 512 * 1024
+# The log budget holds what clients can make the server write: about 400 lines
+# a second come from this load without the floods; a flood that got through
+# the budget (200 lines an episode) would write thousands.
+LOG_LINES_PER_SECOND = 1000
 
 SECRET = b"soak secret: never served\n"
 HTTP_MESSAGE = "sockproto soak: hello"
@@ -94,6 +104,7 @@ LOOPBACK = "127.0.0.1"
 # Misbehavers use their own loopback addresses, so their failed logins and
 # floods slow only themselves (the limits are per address).
 BAD_LOGINS_FROM = "127.0.0.3"
+LOGIN_DELAY_CAP = 30.0  # no failed login's answer waits longer (README, Limits)
 BAD_NAMES_FROM = "127.0.0.4"
 FLOOD_FROM = "127.0.0.5"
 UDP_CLIENTS_FROM = "127.0.2."
@@ -487,6 +498,7 @@ class Fixtures:
     random_file: bytes
     passwords: dict[str, str]
     mail: dict[str, list[bytes]]  # user -> messages in delivery order
+    root: Path  # what --http-root serves; changing/ is for the episodes that change files
 
 
 def make_fixtures(workdir: Path, mix: Mix, rng: random.Random) -> Fixtures:
@@ -500,6 +512,7 @@ def make_fixtures(workdir: Path, mix: Mix, rng: random.Random) -> Fixtures:
     (root / ".hidden").write_bytes(SECRET)
     (workdir / "secret.txt").write_bytes(SECRET)
     (root / "escape-link").symlink_to(workdir / "secret.txt")
+    (root / "changing").mkdir()
 
     users = [f"pop{i}" for i in range(mix.pop3_users)] + [f"drop{i}" for i in range(mix.drop_users)]
     passwords = {user: f"pw-{user}-{rng.randrange(10**6)}" for user in users}
@@ -524,7 +537,7 @@ def make_fixtures(workdir: Path, mix: Mix, rng: random.Random) -> Fixtures:
             ]
             if any(run.wait(60) != 0 for run in runs):
                 raise SystemExit("soak: python -m sockproto deliver failed")
-    return Fixtures(files, random_file, passwords, mail)
+    return Fixtures(files, random_file, passwords, mail, root)
 
 
 # -- the load ---------------------------------------------------------------------
@@ -1104,6 +1117,241 @@ class Load:
         finally:
             conn.close(reset=True)
 
+    # -- hostile shapes: what an attacker tries once the easy things fail
+    # (each is owed its answer: a time-out there is a wrong answer, not a cut-off)
+
+    async def http_framing(self, _service: str) -> None:
+        """Requests that smuggle behind a proxy: obs-fold and a missing Host get 400
+        and the close; an absolute-form target is served like its path."""
+        kind = self.rng.choice(["fold", "no host", "absolute"])
+        if kind == "fold":
+            request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Folded: a\r\n b\r\n\r\n"
+        elif kind == "no host":
+            request = b"GET / HTTP/1.1\r\nUser-Agent: sockproto-soak\r\n\r\n"
+        else:
+            port = self.address["http"][1]
+            request = b"GET http://127.0.0.1:%d/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" % port
+        conn = await self.connect("http")
+        try:
+            await conn.send(request)
+            async with owed(kind):
+                response = await read_response(conn, "GET")
+                rest = await conn.rest() if kind != "absolute" else b""
+        except PeerClosedError as error:
+            refused_by_cap("http", error.partial)
+            raise WrongAnswerError(f"{kind}: closed without an answer ({error.partial[:40]!r})") from None
+        finally:
+            conn.close()
+        refused_by_cap("http", b"HTTP/1.1 %d " % response.status)
+        if kind == "absolute":
+            if response.status != 200 or response.body != (HTTP_MESSAGE + "\n").encode():
+                raise WrongAnswerError(f"absolute-form GET: {response.status} {response.body[:60]!r}")
+        elif response.status != 400 or rest:
+            raise WrongAnswerError(f"{kind}: {response.status}, then {rest[:40]!r}")
+        self.tally.ok("http")
+
+    async def http_log_flood(self, _service: str) -> None:
+        """One keep-alive connection, many requests whose headers Twisted logs about:
+        every one answered (the log budget keeps the log small: checked at the end)."""
+        count = 1000
+        request = expect.http_request("GET", "/files/hello.txt", [("Range", "bytes=oops")])
+        conn = await self.connect("http")
+        try:
+            await conn.send(request * count)
+            async with owed("a malformed Range header"):
+                for _ in range(count):
+                    response = await read_response(conn, "GET")
+                    refused_by_cap("http", b"HTTP/1.1 %d " % response.status)
+                    if response.status != 200 or response.body != self.fixtures.files["hello.txt"]:
+                        raise WrongAnswerError(f"malformed Range: {response.status} {response.body[:40]!r}")
+            self.tally.ok("http", count)
+        finally:
+            conn.close()
+
+    async def http_big_upload(self, _service: str) -> None:
+        """A chunked upload over --http-max-body: the 413 must reach the client
+        (read and discard before the close, not a reset over unread data)."""
+        conn = await self.connect("http")
+        chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"u" * 64 * 1024)
+        head = b"POST /anything HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        try:
+            await conn.send(head)
+            for _ in range(24):  # 1.5 MiB, over the 1 MiB default
+                if conn.buffer:
+                    break
+                with contextlib.suppress(OSError):
+                    await conn.send(chunk)
+            async with owed("an upload over the limit"):
+                response = await read_response(conn, "POST")
+        except PeerClosedError as error:
+            refused_by_cap("http", error.partial)
+            raise WrongAnswerError(f"upload over the limit: no 413 before the close ({error})") from None
+        finally:
+            conn.close()
+        refused_by_cap("http", b"HTTP/1.1 %d " % response.status)
+        if response.status != 413:
+            raise WrongAnswerError(f"upload over the limit: {response.status}")
+        self.tally.ok("http")
+
+    async def http_echo_unread(self, _service: str) -> None:
+        """Asks /anything to echo 1 MiB bodies and never reads the answers."""
+        sock = await RawSocket.open(self.address["http"])
+        try:
+            body = self.rng.randbytes(1024 * 1024)
+            with contextlib.suppress(OSError, TimeoutError):
+                await sock.send(expect.http_request("POST", "/anything", body=body) * 2)
+            for _ in range(50):
+                if sock.reset_by_peer() or not await self.pause(0.1):
+                    break
+        finally:
+            sock.close()
+
+    async def file_changes(self, _service: str) -> None:
+        """A file shrinks or grows while it is served: never more than its
+        Content-Length, a short body ends the connection, the next answer is intact."""
+        name = f"changing/{self.serial()}.bin"
+        path = self.fixtures.root / name
+        size = 2 * 1024 * 1024
+        data = self.rng.randbytes(size)
+        path.write_bytes(data)
+        shrink = self.rng.random() < 0.5
+        changed = data[: 64 * 1024] if shrink else data + b"APPENDED " * 10000
+        ranged = [("Range", f"bytes=0-{size - 1}")] if self.rng.random() < 0.5 else []
+        what = f"a file that {'shrinks' if shrink else 'grows'}{' (Range)' if ranged else ''}"
+        conn = await self.connect("http")
+        try:
+            conn.pipe.transport.pause_reading()
+            await conn.send(
+                expect.http_request("GET", "/files/" + name, ranged) + expect.http_request("GET", "/")
+            )
+            await asyncio.sleep(0.2)
+            with path.open("r+b") as file:
+                if shrink:
+                    file.truncate(len(changed))
+                else:
+                    file.write(changed)  # the same bytes, then more
+            conn.pipe.transport.resume_reading()
+            async with owed(what):
+                head = expect.parse_head(await conn.until(b"\r\n\r\n"))
+                if isinstance(head, str):
+                    raise WrongAnswerError(f"{what}: {head}")
+                refused_by_cap("http", b"HTTP/1.1 %d " % head.status)
+                length = int(head.header("content-length") or -1)
+                if head.status not in (200, 206) or length not in (size, len(changed)):
+                    raise WrongAnswerError(f"{what}: {head.status}, Content-Length {length}")
+                if length == size and shrink:  # sent as it was, then it ended early: closed
+                    body = await conn.rest()
+                    if len(body) >= size or body != data[: len(body)]:
+                        raise WrongAnswerError(f"{what}: {len(body)} bytes before the close")
+                else:  # whole: the file as it was, or as it is now if the change came first
+                    body = await conn.exactly(length)
+                    if body != (data if length == size else changed):
+                        raise WrongAnswerError(f"{what}: the body is neither the file as it was nor as it is")
+                    after = await read_response(conn, "GET")
+                    if after.status != 200 or after.body != (HTTP_MESSAGE + "\n").encode():
+                        raise WrongAnswerError(f"after {what}: {after.status} {after.body[:40]!r}")
+            self.tally.ok("http")
+        except PeerClosedError as error:
+            raise WrongAnswerError(f"{what}: closed early ({len(error.partial)} bytes)") from None
+        finally:
+            conn.close()
+            path.unlink(missing_ok=True)
+
+    async def file_swaps(self, _service: str) -> None:
+        """A served name swapped, as fast as it goes, between a file, a symlink out
+        of the root and a FIFO while it is requested: the secret is never served,
+        nothing blocks, and every request is answered 200 (the file) or 404."""
+        folder = self.fixtures.root / "changing"
+        path = folder / f"swap{self.serial()}"
+        shapes = [folder / f".{path.name}-{n}" for n in range(3)]
+        stop = asyncio.Event()
+
+        async def swapper() -> None:
+            turn = 0
+            while not stop.is_set():
+                for shape in shapes:
+                    shape.unlink(missing_ok=True)
+                shapes[0].write_bytes(b"swap\n")
+                shapes[1].symlink_to(folder.parent.parent / "secret.txt")
+                os.mkfifo(shapes[2])
+                os.replace(shapes[turn % 3], path)
+                turn += 1
+                await asyncio.sleep(0)
+
+        count = 30
+        swapping = asyncio.create_task(swapper())
+        conn = await self.connect("http")
+        try:
+            await conn.send(expect.http_request("GET", "/files/changing/" + path.name) * count)
+            async with owed("a swapped file"):
+                for _ in range(count):
+                    response = await read_response(conn, "GET")
+                    refused_by_cap("http", b"HTTP/1.1 %d " % response.status)
+                    if SECRET in response.body:
+                        raise WrongAnswerError("served a file outside the root through a swapped symlink")
+                    if (response.status, response.body) != (200, b"swap\n") and response.status != 404:
+                        raise WrongAnswerError(f"a swapped file: {response.status} {response.body[:40]!r}")
+            self.tally.ok("http", count)
+        except PeerClosedError as error:
+            refused_by_cap("http", error.partial)
+            raise WrongAnswerError(f"a swapped file: closed ({error.partial[:40]!r})") from None
+        finally:
+            stop.set()
+            await swapping
+            conn.close()
+            for leftover in (path, *shapes):
+                leftover.unlink(missing_ok=True)
+
+    async def hang_up_logins(self, _service: str) -> None:
+        """Wrong logins that hang up at once hold no session slot (checked at the
+        end: nothing left open); the same address is then greeted and answered
+        within the failure delay's cap."""
+        for _ in range(30):
+            conn = await self.connect("pop3", BAD_LOGINS_FROM)
+            with contextlib.suppress(OSError):
+                await conn.send(b"USER nobody\r\nPASS wrong\r\n")
+            conn.close(reset=True)
+        conn = await self.connect("pop3", BAD_LOGINS_FROM)
+        try:
+            await pop3_greeting(conn)
+            await conn.send(b"USER nobody\r\nPASS wrong\r\n")
+            try:
+                async with asyncio.timeout(LOGIN_DELAY_CAP + 5):
+                    await pop3_line(conn)
+                    answer = await pop3_line(conn)
+            except TimeoutError:
+                raise WrongAnswerError(f"a wrong login waited over {LOGIN_DELAY_CAP:g} s") from None
+            if not answer.startswith(b"-ERR [AUTH]"):
+                raise WrongAnswerError(f"a wrong login after hang-ups: {answer!r}")
+            self.tally.ok("pop3")
+        finally:
+            conn.close()
+
+    async def chat_spoof(self, _service: str) -> None:
+        """Bidi overrides, zero-width characters and telnet commands in a line:
+        another member sees the text without them."""
+        speaker = await self.connect("chat")
+        listener = await self.connect("chat")
+        try:
+            nick = expect.welcome_nick(await first_line(speaker, expect.CHAT_OVERFLOW))
+            await first_line(listener, expect.CHAT_OVERFLOW)
+            token = f"spoof{self.serial()}"
+            said = f"{token} \u202egnp.exe\u202c \u2066x\u2069\u200b\ufeff\u2028end".encode()
+            await speaker.send(b"\xff\xf4\xff\xfd\x06" + said + b"\n")
+            async with owed("a line with bidi, zero-width and telnet bytes"):
+                while True:
+                    line = expect.parse_chat(await listener.until(b"\r\n"))
+                    if isinstance(line, str):
+                        raise WrongAnswerError(f"chat, a spoofing line: {line}")
+                    if line.who == nick and line.text.startswith(token):
+                        break
+            if line.text != f"{token} gnp.exe xend":
+                raise WrongAnswerError(f"a spoofing line was relayed as {line.text!r}")
+            self.tally.ok("chat")
+        finally:
+            speaker.close()
+            listener.close()
+
 
 class ChatMember:
     """One of our chat clients: checks every line it receives, as it arrives."""
@@ -1467,6 +1715,16 @@ async def read_response(conn: Conn, method: str) -> expect.Response:
     return response
 
 
+@contextlib.asynccontextmanager
+async def owed(what: str) -> AsyncIterator[None]:
+    """Within DEADLINE, or a :class:`WrongAnswerError` saying what did not come."""
+    try:
+        async with asyncio.timeout(DEADLINE):
+            yield
+    except TimeoutError:
+        raise WrongAnswerError(f"{what}: no answer within {DEADLINE:g} s") from None
+
+
 OVERFLOW = {"strip": expect.STRIP_OVERFLOW, "chat": expect.CHAT_OVERFLOW, "pop3": expect.POP3_OVERFLOW}
 
 
@@ -1676,6 +1934,7 @@ class Outcome:
     finals: dict[str, str]  # service -> "answers" or what went wrong
     left_open: dict[str, int]
     limits: dict[str, dict[str, int]]
+    duration: float = 0.0
     log_lines: int = 0
     problems: list[str] = field(default_factory=list)
     exit_status: int | None = None
@@ -1742,6 +2001,14 @@ async def run_load(server: Server, fixtures: Fixtures, mix: Mix, duration: float
     misbehave("bad user name", load.bad_name, ("pop3",), 1, 0.5)
     for user in [u for u in fixtures.mail if u.startswith("drop")]:
         misbehave("dele then reset", lambda _s, u=user: load.dele_then_reset(u), ("pop3",), 1, 0.5)
+    misbehave("http framing", load.http_framing, ("http",), loops, 0.3)
+    misbehave("log flood", load.http_log_flood, ("http",), 1, 1.0)
+    misbehave("big upload", load.http_big_upload, ("http",), loops, 0.5)
+    misbehave("unread echo", load.http_echo_unread, ("http",), loops, 0.5)
+    misbehave("changing file", load.file_changes, ("http",), loops, 0.5)
+    misbehave("swapped file", load.file_swaps, ("http",), 1, 0.5)
+    misbehave("hang-up logins", load.hang_up_logins, ("pop3",), 1, 2.0)
+    misbehave("spoofing text", load.chat_spoof, ("chat",), 1, 0.5)
     bad.append(asyncio.create_task(load.udp_flood()))
 
     try:
@@ -1770,6 +2037,7 @@ async def run_load(server: Server, fixtures: Fixtures, mix: Mix, duration: float
         finals=finals,
         left_open=left_open,
         limits=limits,
+        duration=duration,
         peak_connections=Conn.open_peak,
         slowest_burst=load.slowest_burst,
         ramp_up=ramp_up[0] if ramp_up else None,
@@ -1935,6 +2203,8 @@ def verdict(outcome: Outcome) -> list[str]:
             reasons.append(f"server memory grew by {memory.growth / 1024:.1f} MiB after the warm-up")
         if memory.peak > PEAK_LIMIT_KIB:
             reasons.append(f"server memory peaked at {memory.peak / 1024:.1f} MiB")
+    if outcome.log_lines > LOG_LINES_PER_SECOND * max(outcome.duration, 1.0):
+        reasons.append(f"the server log has {outcome.log_lines} lines: a flood got past the log budget")
     silent = [name for name in SERVICES if outcome.finals.get(name) != "answers"]
     if silent:
         reasons.append(f"not answering at the end: {', '.join(silent)}")
