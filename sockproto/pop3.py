@@ -67,7 +67,9 @@ COMMANDS = {
     UPDATE: frozenset(),
 }
 KNOWN = COMMANDS[AUTHORIZATION] | COMMANDS[TRANSACTION]
-_NUMBER = re.compile(rb"[0-9]{1,9}\Z")
+# RFC 1939 sets no upper bound on a message number or TOP's line count: any
+# decimal number a command line can hold (out of range is "no such message").
+_NUMBER = re.compile(rb"[0-9]{1,%d}\Z" % MAX_COMMAND)
 _DIGEST = re.compile(rb"[0-9a-fA-F]{32}\Z")
 
 
@@ -118,6 +120,7 @@ class MaildirRealm:
 
 
 def _number(word: bytes) -> int | None:
+    """A decimal number of any size (the command line bounds its digits)."""
     return int(word) if _NUMBER.match(word) else None
 
 
