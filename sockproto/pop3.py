@@ -428,6 +428,10 @@ class Pop3Protocol(BoundedLineReceiver):
         line = line.strip()
         if line == b"*":
             return self._err(b"AUTH cancelled")
+        if line in (b"", b"="):
+            # RFC 5034: an empty response (``=`` as the initial response, an
+            # empty line after ``+``) names no one: a failed login like any other.
+            return self._failed(b"")
         try:
             decoded = binascii.a2b_base64(line, strict_mode=True)
         except binascii.Error:

@@ -320,6 +320,20 @@ class LoginTests(SynchronousTestCase):
         self.server.clock.advance(1)
         self.assertEqual(self.client.take(), b"-ERR [AUTH] invalid user name or password\r\n")
 
+    def test_auth_plain_empty_response_is_a_failed_login(self) -> None:
+        # RFC 5034: "=" is an empty initial response, an empty line an empty
+        # continuation; either names no one, so it fails like a wrong password.
+        refused = b"-ERR [AUTH] invalid user name or password\r\n"
+        self.assertEqual(self.client.send(b"AUTH PLAIN =\r\n"), b"")
+        self.server.clock.advance(1)
+        self.assertEqual(self.client.take(), refused)
+        self.assertEqual(self.client.send(b"AUTH PLAIN\r\n"), b"+ \r\n")
+        self.client.send(b"\r\n")
+        self.server.clock.advance(2)
+        self.assertEqual(self.client.take(), refused)
+        self.assertEqual(self.server.stats.counters["login_failures"], 2)
+        self.assertIn(b"+OK alice's maildrop", self.client.login())
+
     def test_auth_plain_cancel_and_garbage(self) -> None:
         self.client.send(b"AUTH PLAIN\r\n")
         self.assertEqual(self.client.send(b"*\r\n"), b"-ERR AUTH cancelled\r\n")
