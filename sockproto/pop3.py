@@ -164,14 +164,18 @@ class Pop3Protocol(BoundedLineReceiver):
     def connectionMade(self) -> None:
         self.secure = ISSLTransport.providedBy(self.transport)
         self.peer = peer_of(self.transport)
-        self.timestamp = b"<%s.%d@%s>" % (
-            secrets.token_hex(8).encode(),
-            int(self.factory.clock.seconds()),
-            self.factory.hostname,
-        )
+        if self._login_allowed:
+            self.timestamp = b"<%s.%d@%s>" % (
+                secrets.token_hex(8).encode(),
+                int(self.factory.clock.seconds()),
+                self.factory.hostname,
+            )
+        # Else no APOP timestamp: clients (curl) choose APOP by themselves when
+        # the greeting offers it, and no login of any kind is taken before STLS.
+        # After STLS there is no second greeting, so APOP stays off there.
         self.transport.registerProducer(self, True)
         self._registered = True
-        self._ok(b"sockproto POP3 server ready " + self.timestamp)
+        self._ok(b"sockproto POP3 server ready" + (b" " + self.timestamp if self.timestamp else b""))
 
     def readConnectionLost(self) -> None:
         # Complete lines already received still count (a QUIT among them
@@ -354,12 +358,13 @@ class Pop3Protocol(BoundedLineReceiver):
     # -- AUTHORIZATION state
 
     @property
-    def _plaintext_allowed(self) -> bool:
+    def _login_allowed(self) -> bool:
+        """With --pop3-require-tls, no login (USER/PASS, APOP, AUTH) before TLS."""
         return self.secure or not self.factory.require_tls
 
     def do_CAPA(self, argument: bytes) -> None:
         lines = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
-        if self._plaintext_allowed:
+        if self._login_allowed:
             lines += [b"USER", b"SASL PLAIN"]
         if self.factory.tls is not None and not self.secure and self.state == AUTHORIZATION:
             lines.append(b"STLS")
@@ -379,30 +384,36 @@ class Pop3Protocol(BoundedLineReceiver):
         self.transport.startTLS(self.factory.tls)
         self.secure = True
 
-    def _refuse_plaintext(self) -> bool:
-        if self._plaintext_allowed:
+    def _refuse_before_tls(self) -> bool:
+        """The one answer USER, PASS, APOP and AUTH get before a required STLS,
+        whatever their arguments."""
+        if self._login_allowed:
             return False
         self._err(b"[AUTH] plaintext authentication disallowed before STLS")
         return True
 
     def do_USER(self, argument: bytes) -> None:
+        if self._refuse_before_tls():
+            return None
         words = argument.split()
         if len(words) != 1:
             return self._err(b"USER needs a name")
-        if self._refuse_plaintext():
-            return None
         self._user = words[0]
         return self._ok(b"send PASS")
 
     def do_PASS(self, argument: bytes) -> None:
+        if self._refuse_before_tls():
+            return None
         if self._user is None:
             return self._err(b"send USER first")
-        if self._refuse_plaintext():
-            return None
         user, self._user = self._user, None
         return self._login(UsernamePassword(user, argument), user)
 
     def do_APOP(self, argument: bytes) -> None:
+        if self._refuse_before_tls():
+            return None
+        if not self.timestamp:
+            return self._err(b"APOP is not offered on this connection (use USER/PASS or AUTH PLAIN)")
         words = argument.split()
         if len(words) != 2 or not _DIGEST.match(words[1]):
             return self._err(b"APOP needs a name and an MD5 digest")
@@ -411,13 +422,13 @@ class Pop3Protocol(BoundedLineReceiver):
     def do_AUTH(self, argument: bytes) -> None:
         words = argument.split()
         if not words:  # the pre-RFC 5034 way to ask for the mechanisms
-            return self._multiline(b"SASL mechanisms follow", [b"PLAIN"] if self._plaintext_allowed else [])
+            return self._multiline(b"SASL mechanisms follow", [b"PLAIN"] if self._login_allowed else [])
+        if self._refuse_before_tls():
+            return None
         if words[0].upper() != b"PLAIN":
             return self._err(b"unsupported SASL mechanism (PLAIN only)")
         if len(words) > 2:
             return self._err(b"AUTH PLAIN takes at most one initial response")
-        if self._refuse_plaintext():
-            return None
         if len(words) == 2:
             return self._sasl_response(words[1])
         self._sasl = True

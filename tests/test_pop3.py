@@ -678,6 +678,43 @@ class StlsTests(SynchronousTestCase):
         self.assertEqual(self.client.send(b"USER alice\r\n"), refused)
         self.assertEqual(self.client.send(b"AUTH PLAIN\r\n"), refused)
 
+    def test_no_login_of_any_kind_before_tls(self) -> None:
+        # curl picks APOP by itself when the greeting has a timestamp: none is
+        # offered, and APOP gets the same refusal as USER, PASS and AUTH.
+        self.assertEqual(self.client.greeting, b"+OK sockproto POP3 server ready\r\n")
+        digest = hashlib.md5(b"secret").hexdigest().encode()
+        token = base64.b64encode(b"\0alice\0secret")
+        refused = b"-ERR [AUTH] plaintext authentication disallowed before STLS\r\n"
+        for command in (
+            b"USER alice",
+            b"USER",
+            b"PASS secret",
+            b"APOP alice " + digest,
+            b"APOP",
+            b"AUTH PLAIN",
+            b"AUTH PLAIN " + token,
+            b"AUTH CRAM-MD5",
+        ):
+            self.assertEqual(self.client.send(command + b"\r\n"), refused, command)
+        self.assertEqual(self.client.send(b"AUTH\r\n"), b"+OK SASL mechanisms follow\r\n.\r\n")
+        self.assertEqual(os.listdir(self.server.root), [])  # no mailbox was opened
+        self.assertEqual(self.server.stats.counters["login_failures"], 0)
+
+    def test_apop_is_not_offered_after_stls_without_a_timestamp(self) -> None:
+        self.client.send(b"STLS\r\n")
+        self.assertEqual(
+            self.client.send(b"APOP alice " + hashlib.md5(b"secret").hexdigest().encode() + b"\r\n"),
+            b"-ERR APOP is not offered on this connection (use USER/PASS or AUTH PLAIN)\r\n",
+        )
+        self.assertIn(b"+OK alice's maildrop", self.client.login())
+
+    def test_without_require_tls_the_greeting_offers_apop_before_stls(self) -> None:
+        client = Server(self, tls=self.context).connect()
+        stamp = client.greeting.split()[-1]
+        self.assertTrue(stamp.startswith(b"<"), client.greeting)
+        digest = hashlib.md5(stamp + b"secret").hexdigest().encode()
+        self.assertIn(b"+OK alice's maildrop", client.send(b"APOP alice " + digest + b"\r\n"))
+
     def test_stls_discards_pipelined_plaintext_and_then_allows_login(self) -> None:
         answer = self.client.send(b"STLS\r\nUSER evil\r\nPASS injected\r\n")
         self.assertEqual(answer, b"+OK begin TLS negotiation\r\n")

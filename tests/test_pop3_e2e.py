@@ -321,6 +321,27 @@ class RequireTlsTests(SynchronousTestCase):
         client.pass_("secret")
         client.quit()
 
+    def test_curl_logs_in_only_over_tls(self) -> None:
+        # curl chose APOP by itself from the greeting's timestamp and logged
+        # in over clear text, whatever --pop3-require-tls said.
+        curl = shutil.which("curl")
+        if curl is None or "pop3" not in subprocess.run([curl, "-V"], capture_output=True, text=True).stdout:
+            raise SkipTest("curl with pop3 support is not installed")
+        box = Box(self)
+        box.deliver(b"Subject: for bob\n\nhi\n", user="bob")
+        cert, key = make_certificate(box.folder / "tls")
+        suite = start(self, box, "--tls-cert", cert, "--tls-key", key, "--pop3-require-tls")
+        url = f"pop3://bob:builder@localhost:{suite.address('pop3')[1]}/1"
+        clear = subprocess.run([curl, "-sS", url], capture_output=True, timeout=30)
+        self.assertNotEqual(clear.returncode, 0, clear.stdout)
+        self.assertEqual(clear.stdout, b"")
+        tls = subprocess.run(
+            [curl, "-sS", "--ssl-reqd", "--cacert", cert, url], capture_output=True, timeout=30
+        )
+        self.assertEqual((tls.returncode, tls.stdout), (0, b"Subject: for bob\r\n\r\nhi\r\n"), tls.stderr)
+        suite.wait_log("bob quit")
+        self.assertEqual(suite.output.count("logged in as bob"), 1)
+
     def test_ssl_endpoint(self) -> None:
         box = Box(self)
         cert, key = make_certificate(box.folder / "tls")
@@ -334,6 +355,13 @@ class RequireTlsTests(SynchronousTestCase):
         client.user("alice")
         client.pass_("secret")
         client.quit()
+        # TLS from the start: the greeting offers APOP (poplib reads its timestamp)
+        again = poplib.POP3_SSL(
+            "127.0.0.1", suite.address("pop3")[1], context=ssl.create_default_context(cafile=cert), timeout=20
+        )
+        self.addCleanup(again.close)
+        self.assertTrue(again.apop("bob", "builder").startswith(b"+OK bob's maildrop"))
+        again.quit()
 
     def test_ssl_endpoint_takes_the_suites_certificate(self) -> None:
         box = Box(self)
