@@ -67,6 +67,14 @@ def uidl(unique: str) -> str:
     return hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
+def stale_delivery(stat: os.stat_result, now: float) -> bool:
+    """Whether a file in tmp/ is a delivery that died: its inode unchanged for
+    TMP_MAX_AGE. By ctime, not mtime: a copy that keeps its times (``cp -p``,
+    ``rsync -t``) has an old mtime while it is being written, but every write
+    and the utime call itself set the ctime to now, and no program can set it back."""
+    return stat.st_ctime < now - TMP_MAX_AGE
+
+
 class CrlfNormalizer:
     """LF or CRLF line ends to CRLF, correct wherever chunk boundaries fall.
 
@@ -249,13 +257,13 @@ class Maildir:
                 found[unique] = (stat.st_mtime_ns, Message(entry.path, unique, uidl(unique), size))
         return [message for _, message in sorted(found.values(), key=lambda item: (item[0], item[1].unique))]
 
-    def sweep_tmp(self) -> int:
-        """Delete files in tmp/ older than TMP_MAX_AGE; how many went."""
-        limit = time.time() - TMP_MAX_AGE
+    def sweep_tmp(self, now: float | None = None) -> int:
+        """Delete files in tmp/ untouched for TMP_MAX_AGE; how many went."""
+        now = time.time() if now is None else now
         removed = 0
         for entry in _files(self.path / "tmp"):
             try:
-                if entry.stat().st_mtime < limit:
+                if stale_delivery(entry.stat(), now):
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:  # finished or swept by someone else meanwhile
