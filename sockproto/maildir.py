@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -193,23 +194,30 @@ class WireReader:
 
 
 class _SizeCache:
-    """CRLF sizes by file identity, so a poll does not re-read every message."""
+    """CRLF sizes by file identity, so a poll does not re-read every message.
+
+    Shared by the logins being opened in the reactor's thread pool at once:
+    the lock guards the table only, never a file being read.
+    """
 
     def __init__(self, limit: int = 100_000) -> None:
         self._sizes: OrderedDict[tuple[int, int, int, int], int] = OrderedDict()
         self._limit = limit
+        self._lock = threading.Lock()
 
     def size(self, path: str, stat: os.stat_result) -> int:
         key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        known = self._sizes.get(key)
-        if known is not None:
-            self._sizes.move_to_end(key)
-            return known
+        with self._lock:
+            known = self._sizes.get(key)
+            if known is not None:
+                self._sizes.move_to_end(key)
+                return known
         with open(path, "rb") as file:
             size = wire_size(file)
-        self._sizes[key] = size
-        if len(self._sizes) > self._limit:
-            self._sizes.popitem(last=False)
+        with self._lock:
+            self._sizes[key] = size
+            if len(self._sizes) > self._limit:
+                self._sizes.popitem(last=False)
         return size
 
 

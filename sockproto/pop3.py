@@ -33,6 +33,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.mail.pop3 import APOPCredentials as _TwistedAPOPCredentials
 from twisted.python.failure import Failure
@@ -97,18 +98,44 @@ class AnyLogin:
 
 @implementer(IRealm)
 class MaildirRealm:
-    """A login's avatar is the user's Maildir, locked for the session."""
+    """A login's avatar is the user's Maildir, locked for the session.
 
-    def __init__(self, root: Path) -> None:
+    Opening it sweeps tmp/ and reads every message without a size tag to
+    count its CRLF octets: seconds for a big mailbox. That runs in the
+    reactor's thread pool (``run``), so other sessions and services are
+    served meanwhile; the login is answered once the sizes are known.
+    """
+
+    def __init__(self, root: Path, run: auth.Runner = deferToThread) -> None:
         self.root = root
+        self._run = run
 
-    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> tuple[Any, Maildrop, Callable]:
+    def requestAvatar(
+        self, avatar_id: Any, mind: Any, *interfaces: Any
+    ) -> defer.Deferred[tuple[Any, Maildrop, Callable]]:
         if IMaildrop not in interfaces:
             raise NotImplementedError("only IMaildrop avatars here")
         user = avatar_id.decode("utf-8", "replace") if isinstance(avatar_id, bytes) else str(avatar_id)
         if not valid_user(user):
             raise UnauthorizedLogin("not a valid mailbox name")
-        drop = Maildrop.open(self.root, user)
+        # Cancelled, this fires at once; the thread cannot be stopped, so a
+        # mailbox it opens after that is closed here (else its lock stays).
+        result: defer.Deferred[Maildrop] = defer.Deferred(lambda _: None)
+
+        def opened(drop: Maildrop) -> None:
+            if result.called:
+                drop.close()
+            else:
+                result.callback(drop)
+
+        def failed(failure: Failure) -> None:
+            if not result.called:
+                result.errback(failure)
+
+        self._run(Maildrop.open, self.root, user).addCallbacks(opened, failed)
+        return result.addCallback(self._avatar, user)
+
+    def _avatar(self, drop: Maildrop, user: str) -> tuple[Any, Maildrop, Callable]:
         if drop.swept:
             log.info(
                 "pop3: removed {count} file(s) older than {hours:g} h from {user}/tmp (deliveries that died)",
@@ -457,9 +484,11 @@ class Pop3Protocol(BoundedLineReceiver):
 
     def _login(self, credentials: Any, user: bytes) -> None:
         checked = self.factory.portal.login(credentials, None, IMaildrop)
-        if not checked.called:
-            self._waiting = checked
-            self._update()
+        # Until it has an answer, the commands pipelined after wait. Not
+        # ``checked.called``: that is true already when the checker answered
+        # and the mailbox is still being opened in a thread.
+        self._waiting = checked
+        self._update()
         checked.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(user,), errbackArgs=(user,))
         checked.addErrback(self._unexpected, "login")
 

@@ -15,6 +15,7 @@ from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -313,7 +314,8 @@ class StaleTmpTests(SynchronousTestCase):
     def test_the_login_says_so(self) -> None:
         self.patch(maildir, "TMP_MAX_AGE", -60.0)  # every file in tmp/ counts as old
         with capturedLogs() as events:
-            *_, logout = MaildirRealm(self.root).requestAvatar("erin", None, IMaildrop)
+            opened = MaildirRealm(self.root, run=defer.maybeDeferred).requestAvatar("erin", None, IMaildrop)
+            *_, logout = self.successResultOf(opened)
         logout()
         self.assertEqual(
             [formatEvent(e) for e in events],

@@ -8,6 +8,8 @@ import base64
 import hashlib
 import io
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +17,23 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
+from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from sockproto import __version__, auth, config
+from sockproto import __version__, auth, config, maildir
 from sockproto.limits import ConnectionPolicy, GuardedFactory
-from sockproto.maildir import Maildir
+from sockproto.maildir import IMaildrop, MailboxInUseError, Maildir, Maildrop
 from sockproto.pop3 import MAX_LINE, AnyLogin, MaildirRealm, Pop3Factory, Pop3Protocol
 from sockproto.stats import Stats
-from tests.support import temp_dir
+from tests.support import DEADLINE, temp_dir
 
 USERS = "memory:alice:secret:bob:hunter2"
 CAPA = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING", b"USER", b"SASL PLAIN"]
@@ -125,6 +130,7 @@ class Server:
         tls: Any = None,
         require_tls: bool = False,
         idle_timeout: float = 600.0,
+        run: Any = maybeDeferred,  # opening a mailbox: at once, unless a test wants the thread pool
     ) -> None:
         # In a folder of its own, so a test can check nothing was made beside it.
         self.root = Path(temp_dir(test)) / "mail"
@@ -134,7 +140,7 @@ class Server:
         if checkers is None:
             checkers = auth.checkers(config.build({("suite", "auth"): ([USERS], "test")}))
         self.factory = Pop3Factory(
-            Portal(MaildirRealm(self.root), checkers),
+            Portal(MaildirRealm(self.root, run=run), checkers),
             self.stats,
             self.clock,
             root=self.root,
@@ -382,6 +388,90 @@ class InUseTests(SynchronousTestCase):
         self.assertEqual(server.stats.counters["mailbox_in_use"], 1)
         first.lose()  # however the first ends, the lock goes
         self.assertIn(b"+OK alice's maildrop", second.login())
+
+
+def eventually(predicate: Any, what: str) -> Deferred[None]:
+    """Fires once ``predicate()`` holds, the reactor running meanwhile; fails
+    after DEADLINE seconds."""
+    from twisted.internet import reactor
+
+    deadline = time.monotonic() + DEADLINE
+
+    @inlineCallbacks
+    def poll() -> Any:
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {DEADLINE} s waiting for {what}")
+            yield deferLater(reactor, 0.01, lambda: None)
+
+    return poll()
+
+
+class LoginSizingTests(unittest.TestCase):
+    """A login reads every message without a size tag to count its CRLF
+    octets (seconds for a big Maildir): in the reactor's thread pool, while
+    the reactor serves everyone else. Here the sizing waits for the test."""
+
+    def setUp(self) -> None:
+        self.server = Server(self, run=deferToThread)
+        new = Maildir(self.server.root / "alice").create().path / "new"
+        (new / "1.untagged").write_bytes(b"Subject: big\n\n" + b"line\n" * 1000)  # 16 + 6000 as CRLF
+        self.gate = threading.Event()
+        self.addCleanup(self.gate.set)
+        self.sized_in_reactor_thread: list[bool] = []
+        measure = maildir.wire_size
+
+        def held(file: Any, chunk: int = maildir.CHUNK) -> int:
+            in_reactor = isInIOThread()
+            self.sized_in_reactor_thread.append(in_reactor)
+            if not in_reactor:  # (in the reactor thread it would wait for itself)
+                self.gate.wait(DEADLINE)
+            return measure(file, chunk)
+
+        self.patch(maildir, "wire_size", held)
+
+    def unlocked(self) -> bool:
+        try:
+            Maildrop.open(self.server.root, "alice").close()
+        except MailboxInUseError:
+            return False
+        return True
+
+    @inlineCallbacks
+    def test_others_are_served_while_a_login_sizes_its_maildir(self) -> Any:
+        client = self.server.connect()
+        self.assertEqual(client.send(b"USER alice\r\nPASS secret\r\nSTAT\r\n"), b"+OK send PASS\r\n")
+        yield eventually(lambda: self.sized_in_reactor_thread, "the sizing to start")
+        self.assertEqual(self.sized_in_reactor_thread, [False])
+        other = self.server.connect("10.0.0.2")
+        other.send(b"USER bob\r\nPASS hunter2\r\n")
+        yield eventually(lambda: b"bob's maildrop" in other.transport.value(), "bob's login")
+        self.assertEqual(client.take(), b"")  # alice's login, and the STAT after it, wait
+        self.gate.set()
+        yield eventually(lambda: client.transport.value().count(b"\r\n") == 2, "alice's answers")
+        self.assertEqual(
+            client.take(), b"+OK alice's maildrop has 1 messages (6016 octets)\r\n+OK 1 6016\r\n"
+        )
+
+    @inlineCallbacks
+    def test_a_session_lost_while_sizing_releases_the_mailbox(self) -> Any:
+        client = self.server.connect()
+        client.login()
+        yield eventually(lambda: self.sized_in_reactor_thread, "the sizing to start")
+        client.lose()
+        self.gate.set()
+        yield eventually(self.unlocked, "the mailbox lock to be released")
+        self.assertEqual(client.take(), b"")
+        self.assertEqual(self.server.stats.counters["logins"], 0)
+
+    @inlineCallbacks
+    def test_a_login_cancelled_while_sizing_releases_the_mailbox(self) -> Any:
+        opening = MaildirRealm(self.server.root).requestAvatar(b"alice", None, IMaildrop)
+        yield eventually(lambda: self.sized_in_reactor_thread, "the sizing to start")
+        opening.cancel()
+        self.failureResultOf(opening, CancelledError)
+        self.gate.set()
+        yield eventually(self.unlocked, "the mailbox lock to be released")
 
 
 class TransactionTests(SynchronousTestCase):

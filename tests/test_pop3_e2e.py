@@ -8,6 +8,7 @@ import io
 import ipaddress
 import os
 import poplib
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from sockproto.__main__ import set_password
 from sockproto.maildir import Maildir
-from tests.support import ALL_OFF, Suite, recv_all, recv_until, run_twistd, temp_dir
+from tests.support import ALL_OFF, Suite, recv_all, recv_until, run_twistd, temp_dir, wait_for
 
 
 def make_certificate(folder: Path) -> tuple[str, str]:
@@ -383,6 +384,37 @@ class RequireTlsTests(SynchronousTestCase):
         client.user("alice")
         client.pass_("secret")
         client.quit()
+
+
+class SizingTests(SynchronousTestCase):
+    def test_other_services_answer_while_a_login_sizes_a_big_maildir(self) -> None:
+        # Messages copied in without size tags are read whole at the first
+        # login to count their CRLF octets: that stalled every service.
+        box = Box(self)
+        new = Maildir(box.root / "alice").create().path / "new"
+        count, size = 4, 128 << 20
+        for number in range(count):
+            with open(new / f"{number}.copied", "wb") as out:
+                out.truncate(size)  # sparse: no disk, but every byte is read
+        suite = start(self, box, "--port", "0")
+        io_stats = Path(f"/proc/{suite.process.pid}/io")  # type: ignore[union-attr]
+
+        def read_so_far() -> int:
+            return int(re.search(r"rchar: (\d+)", io_stats.read_text()).group(1))  # type: ignore[union-attr]
+
+        pop = suite.connect("pop3")
+        self.addCleanup(pop.close)
+        recv_until(pop, lambda d: d.endswith(b"\r\n"))
+        before = read_so_far()
+        pop.sendall(b"USER alice\r\nPASS secret\r\n")
+        wait_for(lambda: read_so_far() - before > 16 << 20, what="the login to size the Maildir")
+        strip = suite.connect("strip")
+        self.addCleanup(strip.close)
+        strip.sendall(b"a b\n")
+        self.assertEqual(recv_until(strip, lambda d: d.endswith(b"\0")), b"ab\0")
+        self.assertLess(read_so_far() - before, count * size, "strip answered only once the sizing was done")
+        answer = recv_until(pop, lambda d: b"maildrop" in d)
+        self.assertIn(b"has 4 messages (%d octets)" % (count * (size + 2)), answer)  # + CRLF each
 
 
 class AcrossProcessesTests(SynchronousTestCase):
