@@ -160,7 +160,9 @@ class Pop3Settings:
     )
     max_clients: int = option(100, checks.count, "Most POP3 sessions at once (0: no cap).")
     idle_timeout: float = option(600.0, checks.seconds, "Close an idle POP3 session after so many seconds.")
-    require_tls: bool = option(False, checks.flag, "Refuse USER/PASS/AUTH until STLS is done.", flag=True)
+    require_tls: bool = option(
+        False, checks.flag, "Refuse any login (USER, APOP, AUTH) before STLS.", flag=True
+    )
     auth_delay: float = option(
         1.0,
         checks.seconds,

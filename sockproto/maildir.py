@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -65,6 +66,14 @@ def uidl(unique: str) -> str:
     if 0 < len(unique) <= 70 and all("!" <= c <= "~" for c in unique):
         return unique
     return hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def stale_delivery(stat: os.stat_result, now: float) -> bool:
+    """Whether a file in tmp/ is a delivery that died: its inode unchanged for
+    TMP_MAX_AGE. By ctime, not mtime: a copy that keeps its times (``cp -p``,
+    ``rsync -t``) has an old mtime while it is being written, but every write
+    and the utime call itself set the ctime to now, and no program can set it back."""
+    return stat.st_ctime < now - TMP_MAX_AGE
 
 
 class CrlfNormalizer:
@@ -185,23 +194,30 @@ class WireReader:
 
 
 class _SizeCache:
-    """CRLF sizes by file identity, so a poll does not re-read every message."""
+    """CRLF sizes by file identity, so a poll does not re-read every message.
+
+    Shared by the logins being opened in the reactor's thread pool at once:
+    the lock guards the table only, never a file being read.
+    """
 
     def __init__(self, limit: int = 100_000) -> None:
         self._sizes: OrderedDict[tuple[int, int, int, int], int] = OrderedDict()
         self._limit = limit
+        self._lock = threading.Lock()
 
     def size(self, path: str, stat: os.stat_result) -> int:
         key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        known = self._sizes.get(key)
-        if known is not None:
-            self._sizes.move_to_end(key)
-            return known
+        with self._lock:
+            known = self._sizes.get(key)
+            if known is not None:
+                self._sizes.move_to_end(key)
+                return known
         with open(path, "rb") as file:
             size = wire_size(file)
-        self._sizes[key] = size
-        if len(self._sizes) > self._limit:
-            self._sizes.popitem(last=False)
+        with self._lock:
+            self._sizes[key] = size
+            if len(self._sizes) > self._limit:
+                self._sizes.popitem(last=False)
         return size
 
 
@@ -249,13 +265,13 @@ class Maildir:
                 found[unique] = (stat.st_mtime_ns, Message(entry.path, unique, uidl(unique), size))
         return [message for _, message in sorted(found.values(), key=lambda item: (item[0], item[1].unique))]
 
-    def sweep_tmp(self) -> int:
-        """Delete files in tmp/ older than TMP_MAX_AGE; how many went."""
-        limit = time.time() - TMP_MAX_AGE
+    def sweep_tmp(self, now: float | None = None) -> int:
+        """Delete files in tmp/ untouched for TMP_MAX_AGE; how many went."""
+        now = time.time() if now is None else now
         removed = 0
         for entry in _files(self.path / "tmp"):
             try:
-                if entry.stat().st_mtime < limit:
+                if stale_delivery(entry.stat(), now):
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:  # finished or swept by someone else meanwhile

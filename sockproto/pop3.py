@@ -33,6 +33,7 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.mail.pop3 import APOPCredentials as _TwistedAPOPCredentials
 from twisted.python.failure import Failure
@@ -67,7 +68,9 @@ COMMANDS = {
     UPDATE: frozenset(),
 }
 KNOWN = COMMANDS[AUTHORIZATION] | COMMANDS[TRANSACTION]
-_NUMBER = re.compile(rb"[0-9]{1,9}\Z")
+# RFC 1939 sets no upper bound on a message number or TOP's line count: any
+# decimal number a command line can hold (out of range is "no such message").
+_NUMBER = re.compile(rb"[0-9]{1,%d}\Z" % MAX_COMMAND)
 _DIGEST = re.compile(rb"[0-9a-fA-F]{32}\Z")
 
 
@@ -95,18 +98,44 @@ class AnyLogin:
 
 @implementer(IRealm)
 class MaildirRealm:
-    """A login's avatar is the user's Maildir, locked for the session."""
+    """A login's avatar is the user's Maildir, locked for the session.
 
-    def __init__(self, root: Path) -> None:
+    Opening it sweeps tmp/ and reads every message without a size tag to
+    count its CRLF octets: seconds for a big mailbox. That runs in the
+    reactor's thread pool (``run``), so other sessions and services are
+    served meanwhile; the login is answered once the sizes are known.
+    """
+
+    def __init__(self, root: Path, run: auth.Runner = deferToThread) -> None:
         self.root = root
+        self._run = run
 
-    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> tuple[Any, Maildrop, Callable]:
+    def requestAvatar(
+        self, avatar_id: Any, mind: Any, *interfaces: Any
+    ) -> defer.Deferred[tuple[Any, Maildrop, Callable]]:
         if IMaildrop not in interfaces:
             raise NotImplementedError("only IMaildrop avatars here")
         user = avatar_id.decode("utf-8", "replace") if isinstance(avatar_id, bytes) else str(avatar_id)
         if not valid_user(user):
             raise UnauthorizedLogin("not a valid mailbox name")
-        drop = Maildrop.open(self.root, user)
+        # Cancelled, this fires at once; the thread cannot be stopped, so a
+        # mailbox it opens after that is closed here (else its lock stays).
+        result: defer.Deferred[Maildrop] = defer.Deferred(lambda _: None)
+
+        def opened(drop: Maildrop) -> None:
+            if result.called:
+                drop.close()
+            else:
+                result.callback(drop)
+
+        def failed(failure: Failure) -> None:
+            if not result.called:
+                result.errback(failure)
+
+        self._run(Maildrop.open, self.root, user).addCallbacks(opened, failed)
+        return result.addCallback(self._avatar, user)
+
+    def _avatar(self, drop: Maildrop, user: str) -> tuple[Any, Maildrop, Callable]:
         if drop.swept:
             log.info(
                 "pop3: removed {count} file(s) older than {hours:g} h from {user}/tmp (deliveries that died)",
@@ -118,6 +147,7 @@ class MaildirRealm:
 
 
 def _number(word: bytes) -> int | None:
+    """A decimal number of any size (the command line bounds its digits)."""
     return int(word) if _NUMBER.match(word) else None
 
 
@@ -161,14 +191,18 @@ class Pop3Protocol(BoundedLineReceiver):
     def connectionMade(self) -> None:
         self.secure = ISSLTransport.providedBy(self.transport)
         self.peer = peer_of(self.transport)
-        self.timestamp = b"<%s.%d@%s>" % (
-            secrets.token_hex(8).encode(),
-            int(self.factory.clock.seconds()),
-            self.factory.hostname,
-        )
+        if self._login_allowed:
+            self.timestamp = b"<%s.%d@%s>" % (
+                secrets.token_hex(8).encode(),
+                int(self.factory.clock.seconds()),
+                self.factory.hostname,
+            )
+        # Else no APOP timestamp: clients (curl) choose APOP by themselves when
+        # the greeting offers it, and no login of any kind is taken before STLS.
+        # After STLS there is no second greeting, so APOP stays off there.
         self.transport.registerProducer(self, True)
         self._registered = True
-        self._ok(b"sockproto POP3 server ready " + self.timestamp)
+        self._ok(b"sockproto POP3 server ready" + (b" " + self.timestamp if self.timestamp else b""))
 
     def readConnectionLost(self) -> None:
         # Complete lines already received still count (a QUIT among them
@@ -351,12 +385,13 @@ class Pop3Protocol(BoundedLineReceiver):
     # -- AUTHORIZATION state
 
     @property
-    def _plaintext_allowed(self) -> bool:
+    def _login_allowed(self) -> bool:
+        """With --pop3-require-tls, no login (USER/PASS, APOP, AUTH) before TLS."""
         return self.secure or not self.factory.require_tls
 
     def do_CAPA(self, argument: bytes) -> None:
         lines = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
-        if self._plaintext_allowed:
+        if self._login_allowed:
             lines += [b"USER", b"SASL PLAIN"]
         if self.factory.tls is not None and not self.secure and self.state == AUTHORIZATION:
             lines.append(b"STLS")
@@ -376,30 +411,36 @@ class Pop3Protocol(BoundedLineReceiver):
         self.transport.startTLS(self.factory.tls)
         self.secure = True
 
-    def _refuse_plaintext(self) -> bool:
-        if self._plaintext_allowed:
+    def _refuse_before_tls(self) -> bool:
+        """The one answer USER, PASS, APOP and AUTH get before a required STLS,
+        whatever their arguments."""
+        if self._login_allowed:
             return False
         self._err(b"[AUTH] plaintext authentication disallowed before STLS")
         return True
 
     def do_USER(self, argument: bytes) -> None:
+        if self._refuse_before_tls():
+            return None
         words = argument.split()
         if len(words) != 1:
             return self._err(b"USER needs a name")
-        if self._refuse_plaintext():
-            return None
         self._user = words[0]
         return self._ok(b"send PASS")
 
     def do_PASS(self, argument: bytes) -> None:
+        if self._refuse_before_tls():
+            return None
         if self._user is None:
             return self._err(b"send USER first")
-        if self._refuse_plaintext():
-            return None
         user, self._user = self._user, None
         return self._login(UsernamePassword(user, argument), user)
 
     def do_APOP(self, argument: bytes) -> None:
+        if self._refuse_before_tls():
+            return None
+        if not self.timestamp:
+            return self._err(b"APOP is not offered on this connection (use USER/PASS or AUTH PLAIN)")
         words = argument.split()
         if len(words) != 2 or not _DIGEST.match(words[1]):
             return self._err(b"APOP needs a name and an MD5 digest")
@@ -408,13 +449,13 @@ class Pop3Protocol(BoundedLineReceiver):
     def do_AUTH(self, argument: bytes) -> None:
         words = argument.split()
         if not words:  # the pre-RFC 5034 way to ask for the mechanisms
-            return self._multiline(b"SASL mechanisms follow", [b"PLAIN"] if self._plaintext_allowed else [])
+            return self._multiline(b"SASL mechanisms follow", [b"PLAIN"] if self._login_allowed else [])
+        if self._refuse_before_tls():
+            return None
         if words[0].upper() != b"PLAIN":
             return self._err(b"unsupported SASL mechanism (PLAIN only)")
         if len(words) > 2:
             return self._err(b"AUTH PLAIN takes at most one initial response")
-        if self._refuse_plaintext():
-            return None
         if len(words) == 2:
             return self._sasl_response(words[1])
         self._sasl = True
@@ -425,6 +466,10 @@ class Pop3Protocol(BoundedLineReceiver):
         line = line.strip()
         if line == b"*":
             return self._err(b"AUTH cancelled")
+        if line in (b"", b"="):
+            # RFC 5034: an empty response (``=`` as the initial response, an
+            # empty line after ``+``) names no one: a failed login like any other.
+            return self._failed(b"")
         try:
             decoded = binascii.a2b_base64(line, strict_mode=True)
         except binascii.Error:
@@ -439,9 +484,11 @@ class Pop3Protocol(BoundedLineReceiver):
 
     def _login(self, credentials: Any, user: bytes) -> None:
         checked = self.factory.portal.login(credentials, None, IMaildrop)
-        if not checked.called:
-            self._waiting = checked
-            self._update()
+        # Until it has an answer, the commands pipelined after wait. Not
+        # ``checked.called``: that is true already when the checker answered
+        # and the mailbox is still being opened in a thread.
+        self._waiting = checked
+        self._update()
         checked.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(user,), errbackArgs=(user,))
         checked.addErrback(self._unexpected, "login")
 

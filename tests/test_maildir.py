@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -277,28 +279,49 @@ time.sleep(60)
 
 class StaleTmpTests(SynchronousTestCase):
     """A delivery killed mid-write leaves a file in tmp/: the next login to the
-    mailbox deletes it once it is 36 hours old (the Maildir rule)."""
+    mailbox deletes it once it is 36 hours old (the Maildir rule), by ctime."""
 
     def setUp(self) -> None:
         self.root = Path(temp_dir(self))
         self.box = Maildir(self.root / "erin").create()
-        tmp = self.box.path / "tmp"
-        put(tmp, "dead", b"half a mess", mtime=int(time.time() - TMP_MAX_AGE - 60))
-        put(tmp, "busy", b"being written", mtime=int(time.time() - TMP_MAX_AGE + 60))
+        self.tmp = self.box.path / "tmp"
+        # Being written by `cp -p` or `rsync -t`: the source's old times, a fresh ctime.
+        put(self.tmp, "copying", b"half a mess", mtime=int(time.time() - 10 * TMP_MAX_AGE))
 
-    def test_swept_when_the_mailbox_opens(self) -> None:
+    def test_a_copy_with_preserved_times_is_not_swept_while_written(self) -> None:
         drop = Maildrop.open(self.root, "erin")
         self.addCleanup(drop.close)
-        self.assertEqual((drop.swept, os.listdir(self.box.path / "tmp")), (1, ["busy"]))
+        self.assertEqual((drop.swept, os.listdir(self.tmp)), (0, ["copying"]))
+
+    def test_swept_once_its_inode_is_old(self) -> None:
+        self.assertEqual(self.box.sweep_tmp(now=time.time() + TMP_MAX_AGE - 60), 0)
+        self.assertEqual(self.box.sweep_tmp(now=time.time() + TMP_MAX_AGE + 60), 1)
+        self.assertEqual(os.listdir(self.tmp), [])
+
+    def test_the_age_is_the_ctime_not_the_mtime(self) -> None:
+        # An old ctime cannot be made on a real file: the choice on stat-like values.
+        now = 1_000_000_000.0
+        old, fresh = now - TMP_MAX_AGE - 1, now - 60
+
+        def stat(mtime: float, ctime: float) -> os.stat_result:
+            return SimpleNamespace(st_mtime=mtime, st_ctime=ctime)  # type: ignore[return-value]
+
+        self.assertFalse(maildir.stale_delivery(stat(mtime=old, ctime=fresh), now))
+        self.assertTrue(maildir.stale_delivery(stat(mtime=old, ctime=old), now))
+        self.assertTrue(maildir.stale_delivery(stat(mtime=fresh, ctime=old), now))
+        self.assertFalse(maildir.stale_delivery(stat(mtime=fresh, ctime=fresh), now))
 
     def test_the_login_says_so(self) -> None:
+        self.patch(maildir, "TMP_MAX_AGE", -60.0)  # every file in tmp/ counts as old
         with capturedLogs() as events:
-            *_, logout = MaildirRealm(self.root).requestAvatar("erin", None, IMaildrop)
+            opened = MaildirRealm(self.root, run=defer.maybeDeferred).requestAvatar("erin", None, IMaildrop)
+            *_, logout = self.successResultOf(opened)
         logout()
         self.assertEqual(
             [formatEvent(e) for e in events],
             ["pop3: removed 1 file(s) older than 36 h from erin/tmp (deliveries that died)"],
         )
+        self.assertEqual(os.listdir(self.tmp), [])
 
 
 class LockTests(SynchronousTestCase):

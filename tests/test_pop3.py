@@ -8,6 +8,8 @@ import base64
 import hashlib
 import io
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +17,23 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
+from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from sockproto import __version__, auth, config
+from sockproto import __version__, auth, config, maildir
 from sockproto.limits import ConnectionPolicy, GuardedFactory
-from sockproto.maildir import Maildir
+from sockproto.maildir import IMaildrop, MailboxInUseError, Maildir, Maildrop
 from sockproto.pop3 import MAX_LINE, AnyLogin, MaildirRealm, Pop3Factory, Pop3Protocol
 from sockproto.stats import Stats
-from tests.support import temp_dir
+from tests.support import DEADLINE, temp_dir
 
 USERS = "memory:alice:secret:bob:hunter2"
 CAPA = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING", b"USER", b"SASL PLAIN"]
@@ -125,6 +130,7 @@ class Server:
         tls: Any = None,
         require_tls: bool = False,
         idle_timeout: float = 600.0,
+        run: Any = maybeDeferred,  # opening a mailbox: at once, unless a test wants the thread pool
     ) -> None:
         # In a folder of its own, so a test can check nothing was made beside it.
         self.root = Path(temp_dir(test)) / "mail"
@@ -134,7 +140,7 @@ class Server:
         if checkers is None:
             checkers = auth.checkers(config.build({("suite", "auth"): ([USERS], "test")}))
         self.factory = Pop3Factory(
-            Portal(MaildirRealm(self.root), checkers),
+            Portal(MaildirRealm(self.root, run=run), checkers),
             self.stats,
             self.clock,
             root=self.root,
@@ -320,6 +326,20 @@ class LoginTests(SynchronousTestCase):
         self.server.clock.advance(1)
         self.assertEqual(self.client.take(), b"-ERR [AUTH] invalid user name or password\r\n")
 
+    def test_auth_plain_empty_response_is_a_failed_login(self) -> None:
+        # RFC 5034: "=" is an empty initial response, an empty line an empty
+        # continuation; either names no one, so it fails like a wrong password.
+        refused = b"-ERR [AUTH] invalid user name or password\r\n"
+        self.assertEqual(self.client.send(b"AUTH PLAIN =\r\n"), b"")
+        self.server.clock.advance(1)
+        self.assertEqual(self.client.take(), refused)
+        self.assertEqual(self.client.send(b"AUTH PLAIN\r\n"), b"+ \r\n")
+        self.client.send(b"\r\n")
+        self.server.clock.advance(2)
+        self.assertEqual(self.client.take(), refused)
+        self.assertEqual(self.server.stats.counters["login_failures"], 2)
+        self.assertIn(b"+OK alice's maildrop", self.client.login())
+
     def test_auth_plain_cancel_and_garbage(self) -> None:
         self.client.send(b"AUTH PLAIN\r\n")
         self.assertEqual(self.client.send(b"*\r\n"), b"-ERR AUTH cancelled\r\n")
@@ -370,6 +390,90 @@ class InUseTests(SynchronousTestCase):
         self.assertIn(b"+OK alice's maildrop", second.login())
 
 
+def eventually(predicate: Any, what: str) -> Deferred[None]:
+    """Fires once ``predicate()`` holds, the reactor running meanwhile; fails
+    after DEADLINE seconds."""
+    from twisted.internet import reactor
+
+    deadline = time.monotonic() + DEADLINE
+
+    @inlineCallbacks
+    def poll() -> Any:
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {DEADLINE} s waiting for {what}")
+            yield deferLater(reactor, 0.01, lambda: None)
+
+    return poll()
+
+
+class LoginSizingTests(unittest.TestCase):
+    """A login reads every message without a size tag to count its CRLF
+    octets (seconds for a big Maildir): in the reactor's thread pool, while
+    the reactor serves everyone else. Here the sizing waits for the test."""
+
+    def setUp(self) -> None:
+        self.server = Server(self, run=deferToThread)
+        new = Maildir(self.server.root / "alice").create().path / "new"
+        (new / "1.untagged").write_bytes(b"Subject: big\n\n" + b"line\n" * 1000)  # 16 + 6000 as CRLF
+        self.gate = threading.Event()
+        self.addCleanup(self.gate.set)
+        self.sized_in_reactor_thread: list[bool] = []
+        measure = maildir.wire_size
+
+        def held(file: Any, chunk: int = maildir.CHUNK) -> int:
+            in_reactor = isInIOThread()
+            self.sized_in_reactor_thread.append(in_reactor)
+            if not in_reactor:  # (in the reactor thread it would wait for itself)
+                self.gate.wait(DEADLINE)
+            return measure(file, chunk)
+
+        self.patch(maildir, "wire_size", held)
+
+    def unlocked(self) -> bool:
+        try:
+            Maildrop.open(self.server.root, "alice").close()
+        except MailboxInUseError:
+            return False
+        return True
+
+    @inlineCallbacks
+    def test_others_are_served_while_a_login_sizes_its_maildir(self) -> Any:
+        client = self.server.connect()
+        self.assertEqual(client.send(b"USER alice\r\nPASS secret\r\nSTAT\r\n"), b"+OK send PASS\r\n")
+        yield eventually(lambda: self.sized_in_reactor_thread, "the sizing to start")
+        self.assertEqual(self.sized_in_reactor_thread, [False])
+        other = self.server.connect("10.0.0.2")
+        other.send(b"USER bob\r\nPASS hunter2\r\n")
+        yield eventually(lambda: b"bob's maildrop" in other.transport.value(), "bob's login")
+        self.assertEqual(client.take(), b"")  # alice's login, and the STAT after it, wait
+        self.gate.set()
+        yield eventually(lambda: client.transport.value().count(b"\r\n") == 2, "alice's answers")
+        self.assertEqual(
+            client.take(), b"+OK alice's maildrop has 1 messages (6016 octets)\r\n+OK 1 6016\r\n"
+        )
+
+    @inlineCallbacks
+    def test_a_session_lost_while_sizing_releases_the_mailbox(self) -> Any:
+        client = self.server.connect()
+        client.login()
+        yield eventually(lambda: self.sized_in_reactor_thread, "the sizing to start")
+        client.lose()
+        self.gate.set()
+        yield eventually(self.unlocked, "the mailbox lock to be released")
+        self.assertEqual(client.take(), b"")
+        self.assertEqual(self.server.stats.counters["logins"], 0)
+
+    @inlineCallbacks
+    def test_a_login_cancelled_while_sizing_releases_the_mailbox(self) -> Any:
+        opening = MaildirRealm(self.server.root).requestAvatar(b"alice", None, IMaildrop)
+        yield eventually(lambda: self.sized_in_reactor_thread, "the sizing to start")
+        opening.cancel()
+        self.failureResultOf(opening, CancelledError)
+        self.gate.set()
+        yield eventually(self.unlocked, "the mailbox lock to be released")
+
+
 class TransactionTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.server = Server(self)
@@ -401,6 +505,25 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual(self.client.send(b"LIST 1 2\r\n"), b"-ERR LIST takes at most one message number\r\n")
         self.assertFalse(self.client.closed)
 
+    def test_message_numbers_of_any_length(self) -> None:
+        # RFC 1939 sets no limit: a number past the mailbox is "no such
+        # message" however many digits it has (Dovecot's answer too).
+        self.assertEqual(self.client.send(b"LIST 0000000002\r\n"), b"+OK 2 27\r\n")
+        for command in (
+            b"RETR 99999999999999",
+            b"LIST " + b"9" * 240,
+            b"TOP 4294967297 0",
+            b"DELE 10000000000",
+            b"UIDL 2147483648",
+        ):
+            self.assertEqual(self.client.send(command + b"\r\n"), b"-ERR no such message\r\n", command)
+        self.assertEqual(self.client.send(b"STAT\r\n"), b"+OK 3 71\r\n")
+
+    def test_top_with_a_huge_line_count_sends_the_whole_message(self) -> None:
+        whole = b"+OK top of message follows\r\nSubject: two\r\n\r\n..dot\r\nbye\r\n.\r\n"
+        self.assertEqual(self.client.send(b"TOP 2 2147483647\r\n"), whole)
+        self.assertEqual(self.client.send(b"TOP 2 " + b"9" * 200 + b"\r\n"), whole)
+
     def test_twisted_uidl_n_includes_the_number(self) -> None:
         whole = self.client.send(b"UIDL\r\n").split(b"\r\n")[1:-2]
         self.assertEqual([line.split()[0] for line in whole], [b"1", b"2", b"3"])
@@ -415,7 +538,6 @@ class TransactionTests(SynchronousTestCase):
             b"TOP 1 x": b"-ERR TOP needs a message number and a number of lines",
             b"TOP abc 1": b"-ERR not a message number",
             b"RETR": b"-ERR RETR needs a message number",
-            b"RETR 99999999999999": b"-ERR not a message number",
             b"UIDL x": b"-ERR not a message number",
         }
         for command, answer in cases.items():
@@ -645,6 +767,43 @@ class StlsTests(SynchronousTestCase):
         refused = b"-ERR [AUTH] plaintext authentication disallowed before STLS\r\n"
         self.assertEqual(self.client.send(b"USER alice\r\n"), refused)
         self.assertEqual(self.client.send(b"AUTH PLAIN\r\n"), refused)
+
+    def test_no_login_of_any_kind_before_tls(self) -> None:
+        # curl picks APOP by itself when the greeting has a timestamp: none is
+        # offered, and APOP gets the same refusal as USER, PASS and AUTH.
+        self.assertEqual(self.client.greeting, b"+OK sockproto POP3 server ready\r\n")
+        digest = hashlib.md5(b"secret").hexdigest().encode()
+        token = base64.b64encode(b"\0alice\0secret")
+        refused = b"-ERR [AUTH] plaintext authentication disallowed before STLS\r\n"
+        for command in (
+            b"USER alice",
+            b"USER",
+            b"PASS secret",
+            b"APOP alice " + digest,
+            b"APOP",
+            b"AUTH PLAIN",
+            b"AUTH PLAIN " + token,
+            b"AUTH CRAM-MD5",
+        ):
+            self.assertEqual(self.client.send(command + b"\r\n"), refused, command)
+        self.assertEqual(self.client.send(b"AUTH\r\n"), b"+OK SASL mechanisms follow\r\n.\r\n")
+        self.assertEqual(os.listdir(self.server.root), [])  # no mailbox was opened
+        self.assertEqual(self.server.stats.counters["login_failures"], 0)
+
+    def test_apop_is_not_offered_after_stls_without_a_timestamp(self) -> None:
+        self.client.send(b"STLS\r\n")
+        self.assertEqual(
+            self.client.send(b"APOP alice " + hashlib.md5(b"secret").hexdigest().encode() + b"\r\n"),
+            b"-ERR APOP is not offered on this connection (use USER/PASS or AUTH PLAIN)\r\n",
+        )
+        self.assertIn(b"+OK alice's maildrop", self.client.login())
+
+    def test_without_require_tls_the_greeting_offers_apop_before_stls(self) -> None:
+        client = Server(self, tls=self.context).connect()
+        stamp = client.greeting.split()[-1]
+        self.assertTrue(stamp.startswith(b"<"), client.greeting)
+        digest = hashlib.md5(stamp + b"secret").hexdigest().encode()
+        self.assertIn(b"+OK alice's maildrop", client.send(b"APOP alice " + digest + b"\r\n"))
 
     def test_stls_discards_pipelined_plaintext_and_then_allows_login(self) -> None:
         answer = self.client.send(b"STLS\r\nUSER evil\r\nPASS injected\r\n")

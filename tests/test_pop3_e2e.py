@@ -8,6 +8,7 @@ import io
 import ipaddress
 import os
 import poplib
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from sockproto.__main__ import set_password
 from sockproto.maildir import Maildir
-from tests.support import ALL_OFF, Suite, recv_all, recv_until, run_twistd, temp_dir
+from tests.support import ALL_OFF, Suite, recv_all, recv_until, run_twistd, temp_dir, wait_for
 
 
 def make_certificate(folder: Path) -> tuple[str, str]:
@@ -321,6 +322,27 @@ class RequireTlsTests(SynchronousTestCase):
         client.pass_("secret")
         client.quit()
 
+    def test_curl_logs_in_only_over_tls(self) -> None:
+        # curl chose APOP by itself from the greeting's timestamp and logged
+        # in over clear text, whatever --pop3-require-tls said.
+        curl = shutil.which("curl")
+        if curl is None or "pop3" not in subprocess.run([curl, "-V"], capture_output=True, text=True).stdout:
+            raise SkipTest("curl with pop3 support is not installed")
+        box = Box(self)
+        box.deliver(b"Subject: for bob\n\nhi\n", user="bob")
+        cert, key = make_certificate(box.folder / "tls")
+        suite = start(self, box, "--tls-cert", cert, "--tls-key", key, "--pop3-require-tls")
+        url = f"pop3://bob:builder@localhost:{suite.address('pop3')[1]}/1"
+        clear = subprocess.run([curl, "-sS", url], capture_output=True, timeout=30)
+        self.assertNotEqual(clear.returncode, 0, clear.stdout)
+        self.assertEqual(clear.stdout, b"")
+        tls = subprocess.run(
+            [curl, "-sS", "--ssl-reqd", "--cacert", cert, url], capture_output=True, timeout=30
+        )
+        self.assertEqual((tls.returncode, tls.stdout), (0, b"Subject: for bob\r\n\r\nhi\r\n"), tls.stderr)
+        suite.wait_log("bob quit")
+        self.assertEqual(suite.output.count("logged in as bob"), 1)
+
     def test_ssl_endpoint(self) -> None:
         box = Box(self)
         cert, key = make_certificate(box.folder / "tls")
@@ -334,6 +356,13 @@ class RequireTlsTests(SynchronousTestCase):
         client.user("alice")
         client.pass_("secret")
         client.quit()
+        # TLS from the start: the greeting offers APOP (poplib reads its timestamp)
+        again = poplib.POP3_SSL(
+            "127.0.0.1", suite.address("pop3")[1], context=ssl.create_default_context(cafile=cert), timeout=20
+        )
+        self.addCleanup(again.close)
+        self.assertTrue(again.apop("bob", "builder").startswith(b"+OK bob's maildrop"))
+        again.quit()
 
     def test_ssl_endpoint_takes_the_suites_certificate(self) -> None:
         box = Box(self)
@@ -355,6 +384,37 @@ class RequireTlsTests(SynchronousTestCase):
         client.user("alice")
         client.pass_("secret")
         client.quit()
+
+
+class SizingTests(SynchronousTestCase):
+    def test_other_services_answer_while_a_login_sizes_a_big_maildir(self) -> None:
+        # Messages copied in without size tags are read whole at the first
+        # login to count their CRLF octets: that stalled every service.
+        box = Box(self)
+        new = Maildir(box.root / "alice").create().path / "new"
+        count, size = 4, 128 << 20
+        for number in range(count):
+            with open(new / f"{number}.copied", "wb") as out:
+                out.truncate(size)  # sparse: no disk, but every byte is read
+        suite = start(self, box, "--port", "0")
+        io_stats = Path(f"/proc/{suite.process.pid}/io")  # type: ignore[union-attr]
+
+        def read_so_far() -> int:
+            return int(re.search(r"rchar: (\d+)", io_stats.read_text()).group(1))  # type: ignore[union-attr]
+
+        pop = suite.connect("pop3")
+        self.addCleanup(pop.close)
+        recv_until(pop, lambda d: d.endswith(b"\r\n"))
+        before = read_so_far()
+        pop.sendall(b"USER alice\r\nPASS secret\r\n")
+        wait_for(lambda: read_so_far() - before > 16 << 20, what="the login to size the Maildir")
+        strip = suite.connect("strip")
+        self.addCleanup(strip.close)
+        strip.sendall(b"a b\n")
+        self.assertEqual(recv_until(strip, lambda d: d.endswith(b"\0")), b"ab\0")
+        self.assertLess(read_so_far() - before, count * size, "strip answered only once the sizing was done")
+        answer = recv_until(pop, lambda d: b"maildrop" in d)
+        self.assertIn(b"has 4 messages (%d octets)" % (count * (size + 2)), answer)  # + CRLF each
 
 
 class AcrossProcessesTests(SynchronousTestCase):

@@ -35,7 +35,7 @@ from tests.support import cut
 from tests.test_pop3 import FlowTransport, Server
 
 MAX_CHUNK = 200
-NUMBER = re.compile(rb"[0-9]{1,9}")
+NUMBER = re.compile(rb"[0-9]+")  # RFC 1939: no limit (the line has one)
 
 
 class TinyWindow(FlowTransport):
@@ -52,7 +52,17 @@ message_pieces = st.one_of(
 )
 messages = st.lists(st.lists(message_pieces, max_size=15).map(b"".join), min_size=1, max_size=4)
 retrievals = st.sampled_from(
-    [b"RETR 1", b"RETR 2", b"retr 3", b"RETR 4", b"TOP 1 0", b"TOP 2 1", b"top 3 2", b"TOP 4 100"]
+    [
+        b"RETR 1",
+        b"RETR 2",
+        b"retr 3",
+        b"RETR 4",
+        b"TOP 1 0",
+        b"TOP 2 1",
+        b"top 3 2",
+        b"TOP 4 100",
+        b"TOP 1 2147483647",
+    ]
 )
 commands = st.sampled_from(
     [
@@ -75,6 +85,7 @@ commands = st.sampled_from(
         b"TOP 1",
         b"LIST 0",
         b"RETR 999999999999",
+        b"LIST 0000000001",
         b"DELE -1",
         b"",
     ]
