@@ -277,6 +277,9 @@ class ChatProtocol(BoundedLineReceiver):
             self._lines.append(self._buffer)
             self._buffer = b""
         self._eof = True
+        if "login answer" in self._timers:
+            self._close("EOF")  # a failed login's answer waits for no one
+            return
         self._work()
 
     def writeConnectionLost(self) -> None:
@@ -291,6 +294,7 @@ class ChatProtocol(BoundedLineReceiver):
         while lines and not self._holds and not self._leaving:
             self.lineReceived(lines.popleft())
         if lines or self._holds or self._leaving:
+            self._watch_for_hangup()
             return
         if self._overlong is not None:
             self.lineLengthExceeded(self._overlong)
@@ -311,6 +315,8 @@ class ChatProtocol(BoundedLineReceiver):
             self._work()
             if not self._holds:
                 self._set_reading(True)
+        else:
+            self._watch_for_hangup()
 
     def _set_reading(self, reading: bool) -> None:
         if reading != self._reading and not self._leaving:
@@ -438,34 +444,48 @@ class ChatProtocol(BoundedLineReceiver):
         checked.addBoth(self._login_checked, user)
 
     def _login_checked(self, result: Any, user: str) -> None:
+        """A correct login is answered at once, even from an address whose
+        logins failed; a failed one after its wait (FailureDelays: at most
+        LOGIN_DELAY_CAP), during which the client's later lines wait too."""
         if self._leaving:
             return
         delays, host = self.factory.login_delays, self._host()
-        accepted = not isinstance(result, Failure)
-        if accepted:
-            wait = delays.wait(host)
+        if not isinstance(result, Failure):
             delays.succeeded(host)
-        else:
-            if not result.check(LoginFailed):
-                log.error(
-                    "chat: checking the login of {user} failed: {error}",
-                    user=user,
-                    error=result.getErrorMessage(),
-                )
-            self.service_stats.counters["login_failed"] += 1
-            wait = delays.failed(host)
-            log.info(
-                "chat: {peer} failed to log in as {user}; answering in {wait:g} s",
-                peer=self.peer,
-                user=loggable(user),
-                wait=wait,
+            self._answer_login(user, True)
+            return
+        if not result.check(LoginFailed):
+            log.error(
+                "chat: checking the login of {user} failed: {error}",
+                user=user,
+                error=result.getErrorMessage(),
             )
-        if wait > 0:
-            self._timers["login answer"] = self.factory.clock.callLater(
-                wait, self._answer_login, user, accepted
-            )
-        else:
-            self._answer_login(user, accepted)
+        self.service_stats.counters["login_failed"] += 1
+        if self._eof:  # counted, but no one is left to answer
+            delays.failed(host)
+            log.info("chat: {peer} failed to log in as {user}", peer=self.peer, user=loggable(user))
+            self._close("EOF")
+            return
+        pending = delays.answer_later(host, lambda: self._answer_login(user, False))
+        log.info(
+            "chat: {peer} failed to log in as {user}; answering in {wait:g} s",
+            peer=self.peer,
+            user=loggable(user),
+            wait=0 if pending is None else pending.seconds,
+        )
+        if pending is not None:
+            self._timers["login answer"] = pending
+            self._watch_for_hangup()
+
+    def _watch_for_hangup(self) -> None:
+        """While nothing but a failed login's answer holds the client, its
+        socket is read (up to a line's worth of waiting input), so that a
+        client that hangs up is seen at once: its wait ends and it leaves
+        (see readConnectionLost), instead of keeping its slot until then."""
+        if "login answer" not in self._timers:
+            return
+        waiting = len(self._buffer) + sum(map(len, self._lines))
+        self._set_reading(self._holds == {"login"} and waiting <= self.MAX_LENGTH)
 
     def _answer_login(self, user: str, accepted: bool) -> None:
         self._timers.pop("login answer", None)
@@ -580,7 +600,7 @@ class ChatFactory(Factory):
         usable = [c for c in checkers if IUsernamePassword in c.credentialInterfaces]
         self.checker = auth.any_of(usable) if usable else None
         self.room = Room(settings.history)
-        self.login_delays = FailureDelays(settings.login_delay, LOGIN_DELAY_CAP, clock.seconds)
+        self.login_delays = FailureDelays(settings.login_delay, LOGIN_DELAY_CAP, clock)
         self._holding = False
 
     def authenticate(self, credentials: Any) -> Deferred[Any]:

@@ -91,8 +91,8 @@ class ChatSettings:
     login_delay: float = option(
         1.0,
         checks.seconds,
-        "Wait before answering a failed chat login; doubles with each further failure "
-        "from the same address, up to 30 s (0: no wait).",
+        "Wait before answering a failed chat login: S * 2**(n-1) for the n-th failure "
+        "from the address, at most 30 s; a right password is answered at once (0: no wait).",
     )
 
 
@@ -166,7 +166,8 @@ class Pop3Settings:
     auth_delay: float = option(
         1.0,
         checks.seconds,
-        "Delay before answering a failed POP3 login; doubles per failure from the same host, to 30 s.",
+        "Delay before answering a failed POP3 login: S * 2**(n-1) for the n-th failure "
+        "from the host, at most 30 s; a right password is answered at once (0: no delay).",
     )
 
 

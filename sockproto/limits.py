@@ -9,7 +9,8 @@
   length cap answered with an error line, the last line kept on half-close.
 - :class:`TokenBucket` and :class:`BucketTable` are the rate limits.
 - :class:`OutputBuffer` bounds what waits to be sent to one slow peer.
-- :class:`FailureDelays` slows down a peer whose logins keep failing.
+- :class:`FailureDelays` slows down a peer whose logins keep failing, and
+  :class:`DelayedAnswer` is how a session waits out that delay.
 - :class:`LogBudget` bounds what a flood can write to the log.
 """
 
@@ -46,6 +47,13 @@ SHUTDOWN_GRACE = 10.0
 
 # How often a LogBudget sums up the lines it did not log one by one.
 LOG_SUMMARY_INTERVAL = 10.0
+
+# The failed-login table (FailureDelays): how long an address's failures are
+# remembered after its last one, and how many addresses at most.
+FAILURE_MEMORY = 600.0
+FAILURE_KEYS = 10000
+# Failures counted at most per address: past the cap more change nothing.
+_MAX_DOUBLINGS = 64
 
 # Most bytes held back to be sent in one go as a reactor turn ends (see GuardedProtocol);
 # a transport pauses its producer only beyond its buffer size, 64 KiB too.
@@ -933,63 +941,102 @@ class LogBudget:
 
 
 class FailureDelays:
-    """A growing wait before a peer whose logins keep failing gets its answer.
+    """How long the answer to a failed login is held back, per key (a peer's
+    address): longer for one whose logins keep failing.
 
-    The first failure from a key (a peer's address) is answered after ``base``
-    seconds, each further one after twice as long as the one before, up to
-    ``cap``. The waits of one key queue up behind each other, so trying on
-    many connections at once gains nothing, and no answer of any kind goes out
-    to a key before its wait is over. A key that has not failed for ``forget``
-    seconds starts afresh; at most ``max_keys`` are kept, the least recently
-    failed forgotten first. ``base`` 0 turns the delays off.
+    The answer to a key's n-th failure waits ``min(cap, base * 2**(n-1))``
+    seconds from that failure: computed from the count, never added to the
+    waits already running, so however many tries come at once, on however
+    many connections, no answer waits longer than ``cap``. Only failures wait
+    (as with Dovecot's ``auth_failure_delay``): a correct login is answered at
+    once, even from a penalized key, and clears the count. The counts are a
+    bounded table: a key forgotten ``forget`` seconds after its last failure,
+    at most ``max_keys`` kept (the least recently failed forgotten first), so
+    a flood from many addresses costs bounded memory. ``base`` 0 turns the
+    delays off.
+
+    :meth:`answer_later` is the one way a session waits out the delay: a
+    :class:`DelayedAnswer` it must cancel once its peer goes away.
     """
 
     def __init__(
         self,
         base: float,
         cap: float,
-        now: Callable[[], float],
-        forget: float = 600.0,
-        max_keys: int = 10000,
+        clock: IReactorTime,
+        forget: float = FAILURE_MEMORY,
+        max_keys: int = FAILURE_KEYS,
     ) -> None:
         self.base = base
         self.cap = cap
-        self._now = now
+        self.clock = clock
         self.forget = forget
         self.max_keys = max_keys
-        # key -> [failures, time before which no answer goes out]
+        # key -> [failures counted, time of the last one], least recent first
         self._keys: OrderedDict[Hashable, list[float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def wait(self, key: Hashable) -> float:
-        """Seconds before any answer may go to ``key``."""
+    def failures(self, key: Hashable) -> int:
+        """The failures of ``key`` still counted."""
         self._expire()
         entry = self._keys.get(key)
-        return 0.0 if entry is None else max(0.0, entry[1] - self._now())
+        return 0 if entry is None else int(entry[0])
 
     def failed(self, key: Hashable) -> float:
-        """Count a failure; the seconds before it may be answered."""
+        """Count a failure of ``key``; the seconds its answer waits."""
         if not self.base:
             return 0.0
         self._expire()
-        now = self._now()
-        entry = self._keys.pop(key, None) or [0, now]
-        entry[0] += 1
-        entry[1] = max(now, entry[1]) + min(self.cap, self.base * 2 ** (entry[0] - 1))
+        entry = self._keys.pop(key, None) or [0, 0.0]
+        # Past the cap the count only needs to stay there: 2**n stays small.
+        entry[0] = min(entry[0] + 1, _MAX_DOUBLINGS)
+        entry[1] = self.clock.seconds()
         self._keys[key] = entry
         while len(self._keys) > self.max_keys:
             self._keys.popitem(last=False)
-        return entry[1] - now
+        return min(self.cap, self.base * 2 ** (entry[0] - 1))
 
     def succeeded(self, key: Hashable) -> None:
         self._keys.pop(key, None)
 
+    def answer_later(self, key: Hashable, answer: Callable[[], object]) -> DelayedAnswer | None:
+        """Count a failure of ``key`` and call ``answer`` once its wait is
+        over; with no wait (``base`` 0), call it now and return None."""
+        seconds = self.failed(key)
+        if seconds <= 0:
+            answer()
+            return None
+        return DelayedAnswer(self.clock, seconds, answer)
+
     def _expire(self) -> None:
-        keys, limit = self._keys, self._now() - self.forget
+        keys, limit = self._keys, self.clock.seconds() - self.forget
         while keys:
             oldest = next(iter(keys.values()))
             if oldest[1] > limit:
                 return
             keys.popitem(last=False)
+
+
+class DelayedAnswer:
+    """A failed login's answer, held back for its delay.
+
+    The session holds its further commands meanwhile, so a client cannot try
+    faster than its answers come; but it must call :meth:`cancel` as soon as
+    its peer goes away (connectionLost, or the end of its input), and close:
+    otherwise the connection, and its slot under the client cap, would stay
+    until an answer that no one reads.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float, answer: Callable[[], object]) -> None:
+        self.seconds = seconds
+        self._call = clock.callLater(seconds, answer)
+
+    def active(self) -> bool:
+        """Whether the answer still waits."""
+        return bool(self._call.active())
+
+    def cancel(self) -> None:
+        """End the wait without answering (any number of times)."""
+        _cancel(self._call)

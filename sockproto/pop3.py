@@ -31,7 +31,7 @@ from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword,
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -42,7 +42,7 @@ from zope.interface import implementer
 from sockproto import __version__, auth
 from sockproto.config import ConfigError, Settings
 from sockproto.endpoints import loopback_only, stream_description
-from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, FailureDelays, peer_of
+from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, DelayedAnswer, FailureDelays, peer_of
 from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.maildir import TMP_MAX_AGE, IMaildrop, MailboxInUseError, Maildrop, WireReader, valid_user
 from sockproto.stats import ServiceStats, Stats
@@ -175,7 +175,7 @@ class Pop3Protocol(BoundedLineReceiver):
         self.peer = "?"
         self._user: bytes | None = None
         self._sasl = False  # the next line is an AUTH PLAIN response
-        self._waiting: Any = None  # a login being checked, or the delayed call answering a failed one
+        self._waiting: Any = None  # a login being checked, or the DelayedAnswer of a failed one
         self._transfer: WireReader | None = None  # the RETR/TOP being sent
         self._file: Any = None
         self._output_full = False  # the transport asked us to pause
@@ -208,6 +208,13 @@ class Pop3Protocol(BoundedLineReceiver):
         # Complete lines already received still count (a QUIT among them
         # commits); they wait if a command is in progress.
         self._peer_closed = True
+        if isinstance(self._waiting, DelayedAnswer):
+            # A failed login's answer waits: no one is left to read it, and
+            # waiting would keep the session, and its slot, for the delay.
+            self._waiting.cancel()
+            self._waiting = None
+            self._close()
+            return
         if not self.paused:
             self._end_of_input()
 
@@ -229,8 +236,8 @@ class Pop3Protocol(BoundedLineReceiver):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
-        if IDelayedCall.providedBy(self._waiting) and self._waiting.active():
-            self._waiting.cancel()
+        if isinstance(self._waiting, DelayedAnswer):
+            self._waiting.cancel()  # a failed login's answer: no one to tell
         self._end_transfer()
         if self.maildrop is not None:
             drop, self.maildrop = self.maildrop, None
@@ -250,7 +257,7 @@ class Pop3Protocol(BoundedLineReceiver):
         finishes; the commands after it are not run. Then the session ends
         with the shutdown line, without an UPDATE: nothing is deleted."""
         self._shutting_down = True
-        if IDelayedCall.providedBy(self._waiting):
+        if isinstance(self._waiting, DelayedAnswer):
             # A failed login's answer, held back: the shutdown line answers
             # it, and says nothing about the password.
             self._waiting.cancel()
@@ -500,6 +507,7 @@ class Pop3Protocol(BoundedLineReceiver):
             return
         self.maildrop = drop
         self.state = TRANSACTION
+        self.factory.failed_logins.succeeded(self._host())
         count, octets = drop.stat()
         self.service_stats.counters["logins"] += 1
         log.info(
@@ -544,21 +552,39 @@ class Pop3Protocol(BoundedLineReceiver):
 
     def _failed(self, user: bytes) -> None:
         """A wrong name or password: answer later, the later the more often
-        this host fails; others are served meanwhile."""
-        host = str(getattr(self.transport.getPeer(), "host", self.peer))
-        delay = self.factory.failed_logins.failed(host)
+        this host fails (FailureDelays, at most MAX_AUTH_DELAY); others are
+        served meanwhile, and so is a correct login from this host."""
+        delays = self.factory.failed_logins
         self.service_stats.counters["login_failures"] += 1
+        if self._shutting_down or self._peer_closed:
+            # Counted, but nothing to wait for: the shutdown line answers
+            # it, or the peer has hung up and no one would read the answer.
+            delays.failed(self._host())
+            log.info(
+                "pop3: {peer}: login failed for {user} (not answered: {why})",
+                peer=self.peer,
+                user=loggable(user),
+                why="shutting down" if self._shutting_down else "the client hung up",
+            )
+            if self._shutting_down:
+                self._run()
+            else:
+                self._close()
+            return
+        pending = delays.answer_later(self._host(), self._answer_failed)
         log.info(
             "pop3: {peer}: login failed for {user} (answer delayed {delay:g} s)",
             peer=self.peer,
             user=loggable(user),
-            delay=delay,
+            delay=0 if pending is None else pending.seconds,
         )
-        if self._shutting_down:  # answered by the shutdown line
-            self._run()
-            return
-        self._waiting = self.factory.clock.callLater(delay, self._answer_failed)
-        self._update()
+        if pending is not None:
+            self._waiting = pending
+            self._update()
+
+    def _host(self) -> str:
+        """The key of this client's failed logins: its address."""
+        return str(getattr(self.transport.getPeer(), "host", self.peer))
 
     def _answer_failed(self) -> None:
         self._waiting = None
@@ -722,7 +748,7 @@ class Pop3Factory(Factory):
         self.require_tls = require_tls
         self.anyone = anyone
         self.warn_plaintext = warn_plaintext
-        self.failed_logins = FailureDelays(auth_delay, MAX_AUTH_DELAY, clock.seconds)
+        self.failed_logins = FailureDelays(auth_delay, MAX_AUTH_DELAY, clock)
         # For the APOP timestamp, a msg-id: <random.time@host>.
         self.hostname = (
             re.sub(rb"[^A-Za-z0-9.-]", b"", socket.gethostname().encode("ascii", "ignore")) or b"localhost"

@@ -633,7 +633,8 @@ class LoginTests(ChatTestCase):
         mallory.received()
         mallory.send("/login alice guess1", "/login alice guess2", "/login alice secret", "hi")
         self.assertEqual(mallory.received(), [])
-        self.assertEqual(mallory.transport.producerState, "paused")
+        # Still read (a few lines wait), so that a hang-up is seen at once.
+        self.assertEqual(mallory.transport.producerState, "producing")
         self.clock.advance(1)
         self.assertEqual(mallory.received(), ["error: login failed"])
         self.clock.advance(1.9)
@@ -690,3 +691,58 @@ class LoginTests(ChatTestCase):
         guest.send("/login alice wrong")
         guest.lose(ConnectionLost)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_right_password_from_a_penalized_address_is_answered_at_once(self) -> None:
+        # 40 wrong logins at once from one address made the right one wait
+        # for all their queued waits (over 1000 s).
+        for _ in range(40):
+            self.connect("10.0.0.1").send("/login alice nope")
+        self.clock.advance(0.4)
+        alice = self.connect("10.0.0.1")
+        alice.received()
+        alice.send("/login alice secret")
+        self.assertEqual(alice.received(), ["*** welcome, alice; /help lists the commands"])
+        self.assertEqual(self.chat_factory.login_delays.failures("10.0.0.1"), 0)  # it starts afresh
+
+    def test_no_failed_login_waits_longer_than_the_cap(self) -> None:
+        guesses = [self.connect("10.0.0.1") for _ in range(40)]
+        for guess in guesses:
+            guess.received()
+            guess.send("/login alice nope")
+        self.clock.advance(chat.LOGIN_DELAY_CAP - 0.5)
+        answered = sum(guess.received() == ["error: login failed"] for guess in guesses)
+        self.assertEqual(answered, 5)  # after 1, 2, 4, 8, 16 s
+        self.clock.advance(0.5)
+        self.assertEqual([guess.received() for guess in guesses[5:]], [["error: login failed"]] * 35)
+        # The next failure from there waits the cap too, not behind the others.
+        late = self.connect("10.0.0.1")
+        late.received()
+        late.send("/login alice nope")
+        self.clock.advance(chat.LOGIN_DELAY_CAP)
+        self.assertEqual(late.received(), ["error: login failed"])
+
+    def test_hang_up_while_a_failed_answer_waits_frees_the_slot(self) -> None:
+        guest = self.connect()
+        guest.received()
+        guest.send("/login alice wrong")
+        self.assertEqual(len(self.factory.protocols), 1)
+        guest.protocol.readConnectionLost()  # the client hangs up: EOF
+        self.assertTrue(guest.transport.disconnecting)  # at once, not after the wait
+        self.assertEqual(guest.received(), [])  # nothing said about the password
+        guest.lose()
+        self.assertEqual((len(self.factory.protocols), self.stats.current), (0, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.chat_factory.login_delays.failures("127.0.0.1"), 1)  # still counted
+
+    def test_input_behind_a_failed_login_is_bounded(self) -> None:
+        guest = self.connect()
+        guest.received()
+        guest.send("/login alice wrong", "hi")
+        self.assertEqual(guest.transport.producerState, "producing")
+        guest.send("x" * 4000, "y" * 100)  # over a line's worth waits: reading pauses
+        self.assertEqual(guest.transport.producerState, "paused")
+        self.clock.advance(1)
+        self.assertEqual(
+            guest.received(), ["error: login failed", *["error: log in first: /login USER PASSWORD"] * 3]
+        )
+        self.assertEqual(guest.transport.producerState, "producing")

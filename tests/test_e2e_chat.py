@@ -10,6 +10,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from sockproto.chat import LOGIN_DELAY_CAP
 from tests.support import ALL_OFF, Suite, recv_all, recv_until, wait_for
 
 
@@ -260,3 +261,42 @@ class LoginEndToEndTests(SynchronousTestCase):
             suite.wait_log("joined as alice")
         self.assertFalse(suite.saw("secret"))
         self.assertFalse(suite.saw("wrong"))
+
+    def test_right_password_after_40_wrong_ones_is_answered_within_the_cap(self) -> None:
+        """40 wrong logins at once from one address made the right one wait
+        for all their queued waits (some 18 minutes)."""
+        suite = chat_suite(self, "--chat-auth", "--auth", "memory:alice:secret")
+        for _ in range(40):
+            sock = suite.connect("chat")
+            self.addCleanup(sock.close)
+            recv_until(sock, lambda d: d.endswith(b"\n"))
+            sock.sendall(b"/login alice wrong\n")
+        wait_for(lambda: suite.output.count("failed to log in as alice") >= 40, what="40 failed logins")
+        with suite.connect("chat") as sock:
+            recv_until(sock, lambda d: d.endswith(b"\n"))
+            started = time.monotonic()
+            sock.sendall(b"/login alice secret\n")
+            answer = recv_until(sock, lambda d: d.endswith(b"\n"), timeout=LOGIN_DELAY_CAP)
+            self.assertLess(time.monotonic() - started, LOGIN_DELAY_CAP)  # at once, in fact
+            self.assertEqual(answer, b"*** welcome, alice; /help lists the commands\r\n")
+
+    def test_hang_ups_while_failed_answers_wait_free_their_slots(self) -> None:
+        """With a 10 s wait, a newcomer must get in well before the first
+        answer would have been due to the clients that hung up."""
+        suite = chat_suite(
+            self,
+            *("--chat-auth", "--auth", "memory:alice:secret"),
+            *("--chat-login-delay", "10", "--chat-max-clients", "10"),
+        )
+        for _ in range(10):
+            with suite.connect("chat") as sock:
+                recv_until(sock, lambda d: d.endswith(b"\n"))
+                sock.sendall(b"/login alice wrong\n")
+        wait_for(lambda: suite.output.count("failed to log in as alice") >= 10, what="10 failed logins")
+
+        def welcomed() -> bool:
+            with suite.connect("chat") as sock:
+                greeting = recv_until(sock, lambda d: d.endswith(b"\n"))
+            return b"welcome" in greeting
+
+        wait_for(welcomed, timeout=8, what="a chat session after the hang-ups")

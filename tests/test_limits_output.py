@@ -114,7 +114,7 @@ class OutputBufferTests(SynchronousTestCase):
 class FailureDelaysTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.delays = FailureDelays(1.0, 8.0, self.clock.seconds, forget=600)
+        self.delays = FailureDelays(1.0, 8.0, self.clock, forget=600)
 
     def test_doubles_up_to_the_cap(self) -> None:
         waits = []
@@ -123,38 +123,69 @@ class FailureDelaysTests(SynchronousTestCase):
             self.clock.advance(waits[-1])
         self.assertEqual(waits, [1, 2, 4, 8, 8, 8])
 
-    def test_answers_to_one_peer_queue_up(self) -> None:
-        # Five tries at once, on five connections: each waits for the last.
-        self.assertEqual([self.delays.failed("a") for _ in range(5)], [1, 3, 7, 15, 23])
-        self.assertEqual(self.delays.wait("a"), 23)
-        self.assertEqual(self.delays.wait("b"), 0)
+    def test_waits_of_tries_at_once_do_not_add_up(self) -> None:
+        # Five tries at once, on five connections: each its own wait from
+        # the count, none queued behind the others (that gave 1, 3, 7, 15, 23).
+        self.assertEqual([self.delays.failed("a") for _ in range(5)], [1, 2, 4, 8, 8])
+        self.assertEqual(self.delays.failures("a"), 5)
+        self.assertEqual(self.delays.failures("b"), 0)
+
+    def test_no_answer_waits_longer_than_the_cap(self) -> None:
+        # However many failures came before (2**n of them would overflow a float).
+        waits = [self.delays.failed("a") for _ in range(5000)]
+        self.assertEqual(max(waits), 8)
+        self.assertEqual(waits[-1], 8)
 
     def test_success_forgets(self) -> None:
         self.delays.failed("a")
         self.delays.failed("a")
-        self.assertEqual(self.delays.wait("a"), 3)
-        self.clock.advance(3)
         self.delays.succeeded("a")
-        self.assertEqual(self.delays.failed("a"), 1)
+        self.assertEqual((self.delays.failures("a"), self.delays.failed("a")), (0, 1))
 
     def test_quiet_peers_forgotten(self) -> None:
         for _ in range(3):
             self.delays.failed("a")
-        self.clock.advance(7 + 600)
-        self.assertEqual(self.delays.wait("a"), 0)
+        self.clock.advance(599)
+        self.assertEqual(self.delays.failures("a"), 3)
+        self.clock.advance(1)  # 600 s after its last failure
+        self.assertEqual(self.delays.failures("a"), 0)
         self.assertEqual(len(self.delays), 0)
         self.assertEqual(self.delays.failed("a"), 1)
 
-    def test_bounded(self) -> None:
-        delays = FailureDelays(1.0, 8.0, self.clock.seconds, max_keys=100)
+    def test_bounded_least_recently_failed_forgotten_first(self) -> None:
+        delays = FailureDelays(1.0, 8.0, self.clock, max_keys=100)
+        delays.failed("old")
+        delays.failed("busy")
         for source in range(10_000):
             delays.failed(source)
+            if source % 50 == 0:
+                delays.failed("busy")
         self.assertEqual(len(delays), 100)
+        self.assertEqual((delays.failures("old"), delays.failures(9999)), (0, 1))
+        self.assertGreater(delays.failures("busy"), 0)
 
     def test_zero_base_is_off(self) -> None:
-        delays = FailureDelays(0, 8.0, self.clock.seconds)
+        delays = FailureDelays(0, 8.0, self.clock)
         self.assertEqual([delays.failed("a") for _ in range(10)], [0] * 10)
-        self.assertEqual((delays.wait("a"), len(delays)), (0, 0))
+        self.assertEqual((delays.failures("a"), len(delays)), (0, 0))
+        answers: list[str] = []
+        self.assertIsNone(delays.answer_later("a", lambda: answers.append("now")))
+        self.assertEqual(answers, ["now"])
+
+    def test_answer_later_waits_and_can_be_cancelled(self) -> None:
+        answers: list[int] = []
+        first = self.delays.answer_later("a", lambda: answers.append(1))
+        second = self.delays.answer_later("a", lambda: answers.append(2))
+        assert first is not None and second is not None
+        self.assertEqual((first.seconds, second.seconds), (1, 2))
+        second.cancel()  # its peer went away
+        second.cancel()
+        self.assertFalse(second.active())
+        self.clock.advance(1)
+        self.assertEqual((answers, first.active()), ([1], False))
+        first.cancel()  # answered already: nothing to do
+        self.clock.advance(10)
+        self.assertEqual((answers, self.clock.getDelayedCalls()), ([1], []))
 
 
 class Farewell(Protocol):

@@ -22,8 +22,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from sockproto import auth, config
 from sockproto.__main__ import set_password
 from sockproto.auth import SaltedFilePasswordDB, hash_password, verify_password
-from sockproto.pop3 import APOPCredentials
+from sockproto.pop3 import MAX_AUTH_DELAY, APOPCredentials
 from tests.support import environment, temp_dir
+from tests.test_pop3 import Server, SlowChecker
 
 
 def settings_with(*descriptions: str) -> config.Settings:
@@ -207,3 +208,69 @@ class PasswdCommandTests(SynchronousTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertEqual(result.stderr.decode().strip(), "python -m sockproto passwd: error: empty password")
         self.assertFalse(self.path.exists())
+
+
+class FailedLoginThrottleTests(SynchronousTestCase):
+    """A failed POP3 login's answer waits (FailureDelays), but never holds a
+    session after its client hangs up, and never longer than the cap."""
+
+    WRONG = b"-ERR [AUTH] invalid user name or password\r\n"
+
+    def setUp(self) -> None:
+        self.server = Server(self)  # --pop3-auth-delay 1, at most 10 sessions
+
+    def test_hang_ups_while_answers_wait_free_their_slots(self) -> None:
+        guesses = [self.server.connect() for _ in range(10)]
+        for guess in guesses:
+            guess.login(b"alice", b"wrong")
+            guess.guard.readConnectionLost()  # the client hangs up: EOF
+            self.assertTrue(guess.closed)  # at once, not after the wait
+            self.assertEqual(guess.take(), b"")  # nothing said about the password
+            guess.lose()
+        self.assertEqual((len(self.server.guarded.protocols), self.server.stats.current), (0, 0))
+        self.assertEqual(self.server.clock.getDelayedCalls(), [])
+        fresh = self.server.connect()  # the slots are free: a session, not the overflow line
+        self.assertTrue(fresh.greeting.startswith(b"+OK sockproto POP3 server ready"))
+        self.assertIn(b"+OK alice's maildrop", fresh.login())
+
+    def test_hang_up_while_the_login_is_checked(self) -> None:
+        checker = SlowChecker()
+        client = Server(self, checkers=[checker]).connect()
+        client.login(b"alice", b"wrong")
+        client.guard.readConnectionLost()
+        self.assertFalse(client.closed)  # the check is in progress
+        checker.pending.errback(UnauthorizedLogin())
+        self.assertTrue(client.closed)  # no wait for an answer no one reads
+        self.assertEqual(client.take(), b"")
+        client.lose()
+        self.assertEqual(client.server.clock.getDelayedCalls(), [])
+
+    def test_no_answer_waits_longer_than_the_cap(self) -> None:
+        # Ten tries at once from one host: each waits from its own count, at
+        # most MAX_AUTH_DELAY, not queued behind the others (the last waited 181 s).
+        guesses = [self.server.connect() for _ in range(10)]
+        for guess in guesses:
+            guess.login(b"alice", b"wrong")
+        self.server.clock.advance(MAX_AUTH_DELAY - 0.5)
+        self.assertEqual([guess.take() == self.WRONG for guess in guesses], [True] * 5 + [False] * 5)
+        self.server.clock.advance(0.5)
+        self.assertEqual([guess.take() for guess in guesses[5:]], [self.WRONG] * 5)
+        for guess in guesses:
+            guess.lose()
+        for _ in range(200):  # however many failed before
+            guess = self.server.connect()
+            guess.login(b"alice", b"wrong")
+            guess.lose()
+        last = self.server.connect()
+        last.login(b"alice", b"wrong")
+        self.server.clock.advance(MAX_AUTH_DELAY - 0.5)
+        self.assertEqual(last.take(), b"")
+        self.server.clock.advance(0.5)
+        self.assertEqual(last.take(), self.WRONG)
+
+    def test_right_password_from_a_penalized_host_is_answered_at_once(self) -> None:
+        for _ in range(9):
+            self.server.connect().login(b"alice", b"wrong")
+        client = self.server.connect()
+        self.assertIn(b"+OK alice's maildrop has 0 messages", client.login())
+        self.assertEqual(self.server.factory.failed_logins.failures("10.0.0.1"), 0)  # it starts afresh

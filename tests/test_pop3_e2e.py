@@ -21,6 +21,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from sockproto.__main__ import set_password
 from sockproto.maildir import Maildir
+from sockproto.pop3 import MAX_AUTH_DELAY
 from tests.support import ALL_OFF, Suite, recv_all, recv_until, run_twistd, temp_dir, wait_for
 
 
@@ -473,3 +474,35 @@ class LocalTestServerTests(SynchronousTestCase):
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("sockproto: error: pop3: without --auth", result.stderr)
         self.assertNotIn("Traceback", result.stderr + result.stdout)
+
+
+class FailedLoginFloodEndToEndTests(SynchronousTestCase):
+    def test_failed_logins_that_hang_up_hold_no_sessions(self) -> None:
+        """120 wrong logins that hang up at once held all 100 sessions until
+        their answers, queued for minutes: every user got 'too many sessions'.
+        With a 10 s delay, a fresh session from the same address must come
+        well before the first answer would have been due."""
+        box = Box(self)
+        suite = start(self, box, "--pop3-auth-delay", "10")
+        for _ in range(120):
+            with suite.connect("pop3") as sock:
+                recv_until(sock, lambda d: d.endswith(b"\r\n"))  # the greeting, or the overflow line
+                sock.sendall(b"USER bob\r\nPASS wrong\r\n")
+        suite.wait_log("login failed for bob (answer delayed 10 s)")
+
+        def session() -> socket.socket | None:
+            sock = suite.connect("pop3")
+            greeting = recv_until(sock, lambda d: d.endswith(b"\r\n"))
+            if greeting.startswith(b"+OK"):
+                self.addCleanup(sock.close)
+                return sock
+            sock.close()
+            self.assertEqual(greeting, b"-ERR [SYS/TEMP] too many sessions, try again later\r\n")
+            return None
+
+        sock = wait_for(session, timeout=8, what="a POP3 session after the hang-ups")
+        started = time.monotonic()
+        sock.sendall(b"USER bob\r\nPASS builder\r\n")
+        answer = recv_until(sock, lambda d: d.count(b"\r\n") >= 2, timeout=MAX_AUTH_DELAY)
+        self.assertLess(time.monotonic() - started, MAX_AUTH_DELAY)  # answered at once, in fact
+        self.assertTrue(answer.startswith(b"+OK send PASS\r\n+OK bob's maildrop"), answer)
