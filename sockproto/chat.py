@@ -537,6 +537,13 @@ class ChatProtocol(BoundedLineReceiver):
         self._depart("too slow")
         self.transport.abortConnection()
 
+    def output_dropped(self) -> None:
+        """The guard drops this client: it holds the most output while the
+        room's (--chat-max-output) or the suite's (--max-output) is spent."""
+        self.service_stats.counters["dropped_slow"] += 1
+        self._depart("too slow")
+        self.output.discard()
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self._depart("line too long")
         self.output.finish()
@@ -619,5 +626,6 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         max_clients=chat.max_clients,
         overflow_message=OVERFLOW_MESSAGE,
         idle_timeout=chat.idle_timeout,
+        max_output=chat.max_output,
     )
     return stream_listener("chat", chat.port, settings.suite, factory, policy, service_stats, reactor)

@@ -928,6 +928,7 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     policy = ConnectionPolicy(
         max_clients=settings.http.max_clients,
         overflow_message=OVERFLOW,
+        max_output=settings.http.max_output,
     )
     site = build_site(settings.http, stats, service_stats, reactor)
     return stream_listener("http", settings.http.port, settings.suite, site, policy, service_stats, reactor)
