@@ -2,9 +2,11 @@
 
 Seed 000's broadcast loop, done the way ``ncat --chat`` does not: every line a
 client sends reaches every other client as ``<nick> text``, but a client that
-stops reading costs the room nothing (its output waits in a bounded
-:class:`~sockproto.limits.OutputBuffer` and past ``--chat-max-pending`` it is
-dropped as too slow), a client that floods is slowed by TCP backpressure
+stops reading costs the room no time and bounded memory (its output waits in a
+bounded :class:`~sockproto.limits.OutputBuffer` and past ``--chat-max-pending``
+it is dropped as too slow; what all of them hold together is bounded by the
+guard's :class:`~sockproto.limits.OutputBudget`, ``--chat-max-output``, whose
+largest holders go first), a client that floods is slowed by TCP backpressure
 instead of being silenced, and no client can drive another's terminal.
 
 The room (:class:`Room`) and the text rules (:func:`clean`, :func:`valid_nick`,
