@@ -1044,9 +1044,11 @@ class OutputBudget:
     def _shed(self) -> None:
         if not self.over():
             return
-        holders = self.everyone()
+        # Only what was reported can be out of date (the socket sent some
+        # since): a connection that reported nothing holds nothing.
+        holders = [holder for holder in self.everyone() if holder._reported]
         for holder in holders:
-            holder._report()  # what it holds now: its socket may have sent some
+            holder._report()
         if not self.over():
             return
         holders.sort(key=attrgetter("_reported"), reverse=True)

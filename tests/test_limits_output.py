@@ -198,6 +198,7 @@ class OutputBudgetTests(SynchronousTestCase):
         self.assertEqual([w.wrappedProtocol.dropped for w in wrappers], [True, False, False, False])
         self.assertEqual(wrappers[1].output_held(), 800)
         wrappers[1].wrappedProtocol.output.resumeProducing()  # it reads its backlog
+        wrappers[1].wrappedProtocol.output.pauseProducing()  # and stops again
         self.assertEqual(chat.output.total, 1600)
         for wrapper in wrappers[1:]:
             wrapper.dataReceived(b"x" * 10)  # +1000 each: 2800, 1800, 1800 -> over at the third
