@@ -980,11 +980,12 @@ class OutputBudget:
     Each guarded connection (:class:`GuardedProtocol`) reports what it holds
     as that grows from our side: its transport's buffer and what its protocol
     queues (a chat member's :class:`OutputBuffer`), an integer add each. What
-    the socket sends meanwhile is not seen, so the total errs high; when it
-    passes the limit (this budget's or its parent's), every connection under
-    that budget is recounted, and while the total is still over, the one
-    holding the most is dropped (logged, and counted as ``limit_name`` in the
-    service's ``limits_hit``), then the next. ``limit`` 0: no cap here.
+    the socket sends meanwhile is not seen, so the total errs high, never
+    low; when it passes the limit (this budget's or its parent's), the
+    connections under that budget that reported output are recounted (the
+    only scan of them, and only then), and while the total is still over, the
+    one holding the most is dropped (logged, and counted as ``limit_name`` in
+    the service's ``limits_hit``), then the next. ``limit`` 0: no cap here.
     """
 
     def __init__(
