@@ -19,7 +19,9 @@ twisted.web does the HTTP; this module adds the limits it lacks:
   (see :class:`PausedOnce`): twisted.web would leave a pipelined response
   that starts while the send buffer is full paused for ever;
 - a client that half-closes after its requests (ncat, ``nc -N``) gets its
-  answers: twisted.web would drop every one not yet written.
+  answers: twisted.web would drop every one not yet written;
+- a body made from the client's input (``/anything``) is made a chunk at a
+  time as the client reads it (:class:`EchoBody`), like every other large body.
 """
 
 from __future__ import annotations
