@@ -2,9 +2,11 @@
 
 Seed 000's broadcast loop, done the way ``ncat --chat`` does not: every line a
 client sends reaches every other client as ``<nick> text``, but a client that
-stops reading costs the room nothing (its output waits in a bounded
-:class:`~sockproto.limits.OutputBuffer` and past ``--chat-max-pending`` it is
-dropped as too slow), a client that floods is slowed by TCP backpressure
+stops reading costs the room no time and bounded memory (its output waits in a
+bounded :class:`~sockproto.limits.OutputBuffer` and past ``--chat-max-pending``
+it is dropped as too slow; what all of them hold together is bounded by the
+guard's :class:`~sockproto.limits.OutputBudget`, ``--chat-max-output``, whose
+largest holders go first), a client that floods is slowed by TCP backpressure
 instead of being silenced, and no client can drive another's terminal.
 
 The room (:class:`Room`) and the text rules (:func:`clean`, :func:`valid_nick`,
@@ -557,6 +559,13 @@ class ChatProtocol(BoundedLineReceiver):
         self._depart("too slow")
         self.transport.abortConnection()
 
+    def output_dropped(self) -> None:
+        """The guard drops this client: it holds the most output while the
+        room's (--chat-max-output) or the suite's (--max-output) is spent."""
+        self.service_stats.counters["dropped_slow"] += 1
+        self._depart("too slow")
+        self.output.discard()
+
     def lineLengthExceeded(self, line: bytes) -> None:
         self._depart("line too long")
         self.output.finish()
@@ -639,5 +648,6 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         max_clients=chat.max_clients,
         overflow_message=OVERFLOW_MESSAGE,
         idle_timeout=chat.idle_timeout,
+        max_output=chat.max_output,
     )
     return stream_listener("chat", chat.port, settings.suite, factory, policy, service_stats, reactor)

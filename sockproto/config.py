@@ -60,6 +60,12 @@ class SuiteSettings:
         "Connections refused over a --max-clients cap logged one line each per second, RATE[/BURST]; "
         "the rest are summed up (0: all).",
     )
+    max_output: int = option(
+        256 * 1024 * 1024,
+        checks.byte_size,
+        "Output held for clients that have not read it, all services of a process together; over it "
+        "the clients holding the most are dropped first (0: no cap).",
+    )
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,12 @@ class ChatSettings:
     history: int = option(20, checks.count, "Lines replayed to a newcomer.")
     max_pending: int = option(
         1024 * 1024, checks.byte_size, "Output a chat client may leave unread before it is dropped."
+    )
+    max_output: int = option(
+        128 * 1024 * 1024,
+        checks.byte_size,
+        "Output held for all chat clients together; over it the clients holding the most are dropped "
+        "first (0: only --max-output).",
     )
     rate: tuple[float, float] = option(
         (20.0, 40.0), checks.rate, "Lines per second a chat client may send, RATE[/BURST] (0: off)."
@@ -146,6 +158,12 @@ class HttpSettings:
     )
     max_body: int = option(
         1024 * 1024, checks.byte_size, "Largest request body, in bytes (413 above; 0: no body at all)."
+    )
+    max_output: int = option(
+        128 * 1024 * 1024,
+        checks.byte_size,
+        "Output held for all HTTP clients together; over it the clients holding the most are dropped "
+        "first (0: only --max-output).",
     )
 
 

@@ -19,17 +19,21 @@ twisted.web does the HTTP; this module adds the limits it lacks:
   (see :class:`PausedOnce`): twisted.web would leave a pipelined response
   that starts while the send buffer is full paused for ever;
 - a client that half-closes after its requests (ncat, ``nc -N``) gets its
-  answers: twisted.web would drop every one not yet written.
+  answers: twisted.web would drop every one not yet written;
+- a body made from the client's input (``/anything``) is made a chunk at a
+  time as the client reads it (:class:`EchoBody`), like every other large body.
 """
 
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import os
 import re
 from collections.abc import Callable, Iterator
 from io import BytesIO
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -161,23 +165,107 @@ def origin_of(request: Any) -> str:
 
 
 def echo(request: Any) -> dict[str, Any]:
-    """The request as ``/anything`` shows it; the body is whole (it is capped on arrival)."""
-    request.content.seek(0)
-    body = request.content.read()
-    shown: dict[str, Any] = {
+    """The request as ``/anything`` shows it, but for the body itself (see :class:`EchoBody`)."""
+    content = request.content
+    content.seek(0, os.SEEK_END)
+    return {
         "method": decoded(request.method),
         "path": decoded(request.path),
         "query": query_of(request.uri),
         "headers": headers_of(request),
         "origin": origin_of(request),
-        "body_length": len(body),
+        "body_length": content.tell(),
     }
-    try:
-        shown["body"] = body.decode("utf-8")
-    except UnicodeDecodeError:
-        shown["body"] = None
-        shown["body_base64"] = base64.b64encode(body).decode("ascii")
-    return shown
+
+
+# Body bytes read at a pull for /anything: JSON escapes make at most six bytes
+# of one (\u00XX), so a pull writes at most 48 KiB.
+ECHO_READ = 8 * 1024
+
+
+def _body_chunks(content: Any, size: int) -> Iterator[bytes]:
+    content.seek(0)
+    while chunk := content.read(size):
+        yield chunk
+
+
+def _json_text(content: Any) -> Iterator[bytes]:
+    """The body as the inside of a JSON string, a chunk at a time; raises
+    UnicodeDecodeError (before the end, perhaps) if it is not UTF-8.
+
+    JSON escapes one character at a time, so the pieces add up to what
+    ``json.dumps`` makes of the whole text."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    for chunk in _body_chunks(content, ECHO_READ):
+        text = decoder.decode(chunk)
+        if text:
+            yield encode_basestring_ascii(text)[1:-1].encode("ascii")
+    decoder.decode(b"", final=True)
+
+
+def _json_base64(content: Any) -> Iterator[bytes]:
+    """The body in base64, a chunk at a time: whole groups of 3 bytes encode
+    on their own."""
+    rest = b""
+    for chunk in _body_chunks(content, ECHO_READ):
+        data = rest + chunk
+        whole = len(data) - len(data) % 3
+        rest = data[whole:]
+        if whole:
+            yield base64.b64encode(data[:whole])
+    if rest:
+        yield base64.b64encode(rest)
+
+
+class EchoBody(PulledBody):
+    """The JSON of ``/anything`` (and ``/delay``), made a bounded chunk at a
+    pull from the body twisted.web kept (a file above 100 KB): a client that
+    sends 1 MiB and never reads holds one chunk and the transport's buffer,
+    not the 6 MiB of JSON that body can make. The bytes are those of
+    ``json.dumps(..., indent=2)``; the length is worked out first (a pass over
+    the body), as Content-Length needs it."""
+
+    def __init__(self, request: Any) -> None:
+        super().__init__(request)
+        shown = echo(request)
+        content = request.content
+        try:
+            size = sum(map(len, _json_text(content)))
+            self._pieces: Callable[[Any], Iterator[bytes]] = _json_text
+            shown["body"] = ""
+        except UnicodeDecodeError:
+            size = (shown["body_length"] + 2) // 3 * 4
+            self._pieces = _json_base64
+            shown["body"] = None
+            shown["body_base64"] = ""
+        # The text field is last and empty: the document ends '""\n}'; its
+        # text goes between the quotes.
+        document = json.dumps(shown, indent=2)
+        self.head = document[:-3].encode("ascii")
+        self.tail = document[-3:].encode("ascii") + b"\n"
+        self.length = len(self.head) + size + len(self.tail)
+        self._body: Iterator[bytes] | None = None
+
+    def start(self) -> None:
+        request = self.request
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % self.length)
+        if request.method == b"HEAD":
+            request.write(b"")
+            request.finish()
+            return
+        super().start()
+
+    def produce(self, request: Any) -> None:
+        if self._body is None:
+            self._body = self._pieces(request.content)
+            request.write(self.head)
+            return
+        piece = next(self._body, None)
+        if piece is None:
+            self.end(request, self.tail)
+        else:
+            request.write(piece)
 
 
 def metrics_encoder(accept: str) -> tuple[Callable[[Any], bytes], str]:
@@ -300,8 +388,9 @@ class Anything(Route):
     methods = ANY_METHOD
     takes_subpath = True
 
-    def respond(self, request: Any) -> bytes:
-        return as_json(request, echo(request))
+    def respond(self, request: Any) -> Any:
+        EchoBody(request).start()
+        return server.NOT_DONE_YET
 
 
 class Headers(Route):
@@ -351,10 +440,7 @@ class Delay(Route):
         return server.NOT_DONE_YET
 
     def answer(self, request: Any) -> None:
-        body = as_json(request, echo(request))
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
+        EchoBody(request).start()
 
 
 class RandomBytes(Route):
@@ -844,6 +930,7 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     policy = ConnectionPolicy(
         max_clients=settings.http.max_clients,
         overflow_message=OVERFLOW,
+        max_output=settings.http.max_output,
     )
     site = build_site(settings.http, stats, service_stats, reactor)
     return stream_listener("http", settings.http.port, settings.suite, site, policy, service_stats, reactor)

@@ -8,7 +8,9 @@
 - :class:`BoundedLineReceiver` is the line policy: LF lines with CR tolerated, a
   length cap answered with an error line, the last line kept on half-close.
 - :class:`TokenBucket` and :class:`BucketTable` are the rate limits.
-- :class:`OutputBuffer` bounds what waits to be sent to one slow peer.
+- :class:`OutputBuffer` bounds what waits to be sent to one slow peer, and
+  :class:`OutputBudget` what waits for all of a service's peers and the suite's:
+  over it, the peers holding the most are dropped first.
 - :class:`FailureDelays` slows down a peer whose logins keep failing, and
   :class:`DelayedAnswer` is how a session waits out that delay.
 - :class:`LogBudget` bounds what a flood can write to the log.
@@ -19,10 +21,11 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
-from twisted.internet import tcp
+from twisted.internet import abstract, tcp
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, IReactorTime
@@ -86,6 +89,9 @@ class ConnectionPolicy:
     idle_timeout: float = 0.0
     # Refusals over the cap logged one by one a second (see LogBudget); 0: every one.
     refusal_log_rate: tuple[float, float] = (0.0, 0.0)
+    # Bytes held for the service's peers, and for the suite's (see OutputBudget).
+    max_output: int = 0
+    suite_max_output: int = 0
 
 
 class OverflowProtocol(Protocol):
@@ -153,6 +159,12 @@ class GuardedProtocol(ProtocolWrapper):
     # The error a direct send got: the peer reset the connection, and the
     # transport will read that as a clean end unless told (see readConnectionLost).
     _send_failed: Exception | None = None
+    # The service's output budget (None: no cap on it or the suite's), the
+    # bytes last reported to it, and those of them the wrapped protocol holds
+    # itself (see note_queued).
+    _budget: OutputBudget | None = None
+    _reported = 0
+    _queued = 0
 
     def makeConnection(self, transport: Any) -> None:
         # Unlike ProtocolWrapper, also pass half-close through when the wrapped
@@ -166,6 +178,9 @@ class GuardedProtocol(ProtocolWrapper):
         self._clock = factory.clock
         self._turn_end = factory.turn_end
         self._direct = transport if _can_write_directly(transport) else None
+        if factory.output.capped:
+            self._budget = factory.output
+            factory.output.holders.add(self)
         factory.registerProtocol(self)
         if factory.policy.idle_timeout:
             self._idle_timeout = factory.policy.idle_timeout
@@ -214,6 +229,7 @@ class GuardedProtocol(ProtocolWrapper):
         held = self._holding()
         if held is None:
             self.transport.write(data)
+            self._report()
             return
         held.append(_bytes_only(data))
         self._held_size += len(data)
@@ -226,6 +242,7 @@ class GuardedProtocol(ProtocolWrapper):
         held = self._holding()
         if held is None:
             self.transport.writeSequence(data)
+            self._report()
             return
         for chunk in data:
             self._held_size += len(_bytes_only(chunk))
@@ -284,6 +301,55 @@ class GuardedProtocol(ProtocolWrapper):
                 return
             data = data[sent:]
         self.transport.write(data)
+        self._report()
+
+    # The output budget: what this connection holds is reported as it grows
+    # from our side (a write the socket did not take, what the protocol
+    # queues); what the socket sends later is seen when the budget recounts.
+
+    def note_queued(self, change: int) -> None:
+        """The wrapped protocol holds ``change`` more bytes for the peer (fewer
+        if negative) beyond the transport: a chat member's OutputBuffer."""
+        self._queued += change
+        self._report()
+
+    def output_held(self) -> int:
+        """Bytes held for the peer now: the transport's buffer and the protocol's queue."""
+        return _buffered(self.transport) + self._queued
+
+    def _report(self) -> None:
+        budget = self._budget
+        if budget is not None:
+            held = _buffered(self.transport) + self._queued
+            if held != self._reported:
+                budget.change(self, held)
+
+    def _leave_budget(self) -> None:
+        budget, self._budget = self._budget, None
+        if budget is not None:
+            budget.change(self, 0)
+            budget.holders.discard(self)
+
+    def drop_for_output(self, budget: OutputBudget) -> None:
+        """``budget`` is spent and this connection holds the most of it: cut,
+        with its output (the protocol's ``output_dropped()`` hook is told first)."""
+        held = self._reported
+        self._leave_budget()
+        self._stats.limit_hit(budget.limit_name)
+        log.info(
+            "{service}: dropping {peer}: {held} bytes of output unread, the most while {what} held over"
+            " {limit} bytes ({option})",
+            service=self._stats.name,
+            peer=peer_of(self),
+            held=held,
+            what=budget.what,
+            limit=budget.limit,
+            option=budget.option,
+        )
+        hook = getattr(self.wrappedProtocol, "output_dropped", None)
+        if hook is not None:
+            hook()
+        self.cut()
 
     def __getattr__(self, name: str) -> Any:
         # Anything else asked of the transport (pauseProducing, startTLS,
@@ -418,6 +484,7 @@ class GuardedProtocol(ProtocolWrapper):
             reason = Failure(self._send_failed)  # see readConnectionLost
         self.connected = 0
         self._held = None  # nowhere to send it now
+        self._leave_budget()
         self._stop_idle_timer()
         _cancel(self._abort_call)
         super().connectionLost(reason)
@@ -451,6 +518,14 @@ class GuardedFactory(WrappingFactory):
         # A flood of connections over the cap must not flood the log.
         self.refusals = LogBudget(
             rate_limit(policy.refusal_log_rate, clock.seconds), clock, self._sum_up_refusals
+        )
+        name = stats.name
+        self.output = OutputBudget(
+            policy.max_output,
+            suite_output(clock, policy.suite_max_output),
+            what=f"{name}'s clients",
+            option=f"--{name}-max-output",
+            limit_name="max_output",
         )
 
     def _sum_up_refusals(self, counts: dict[str, int], seconds: float) -> None:
@@ -642,6 +717,27 @@ def _can_write_directly(transport: Any) -> bool:
     return known
 
 
+# What the output budget reads of a transport to know how much it holds
+# unsent (GuardedProtocol.output_held): the same internals, where they exist.
+_BUFFER_ATTRIBUTES = ("dataBuffer", "offset", "_tempDataLen")
+_buffer_types: dict[type, bool] = {}
+
+
+def _buffered(transport: Any) -> int:
+    """Bytes ``transport`` holds unsent: its buffer, or for TLS the buffer of
+    the TCP connection under it; 0 for another kind (a test's StringTransport)."""
+    for candidate in (transport, getattr(transport, "transport", None)):
+        kind = type(candidate)
+        known = _buffer_types.get(kind)
+        if known is None:
+            known = _buffer_types[kind] = isinstance(candidate, abstract.FileDescriptor) and all(
+                hasattr(candidate, name) for name in _BUFFER_ATTRIBUTES
+            )
+        if known:
+            return len(candidate.dataBuffer) - candidate.offset + candidate._tempDataLen
+    return 0
+
+
 def _bytes_only(data: Any) -> bytes:
     """Refuse text as a transport does, before it is held."""
     if not isinstance(data, bytes):
@@ -809,7 +905,9 @@ class OutputBuffer:
     called once and the output is dropped: that peer does not keep up, and the
     writer (one chat room, say) must not wait for it or hold its backlog.
     ``limit`` 0 means no cap. A registered producer keeps a connection open,
-    so call :meth:`finish` or :meth:`discard` before closing it.
+    so call :meth:`finish` or :meth:`discard` before closing it. Under the
+    suite's guard, what waits here counts in the service's
+    :class:`OutputBudget` (the transport's ``note_queued``).
     """
 
     def __init__(self, transport: Any, limit: int, overflow: Callable[[], Any]) -> None:
@@ -820,6 +918,7 @@ class OutputBuffer:
         self.pending = 0  # bytes waiting here, beyond the transport's buffer
         self.paused = False
         self.closed = False
+        self._note: Callable[[int], object] = getattr(transport, "note_queued", None) or _ignore
         transport.registerProducer(self, True)
 
     def write(self, data: bytes) -> None:
@@ -830,6 +929,7 @@ class OutputBuffer:
             return
         self._queue.append(data)
         self.pending += len(data)
+        self._note(len(data))
         if self.limit and self.pending > self.limit:
             self._stop(unregister=True)
             self._overflow()
@@ -851,6 +951,8 @@ class OutputBuffer:
             return
         self.closed = True
         self._queue.clear()
+        if self.pending:
+            self._note(-self.pending)
         self.pending = 0
         if unregister:
             self.transport.unregisterProducer()
@@ -866,11 +968,117 @@ class OutputBuffer:
         while queue and not self.paused and not self.closed:
             chunk = queue.popleft()
             self.pending -= len(chunk)
+            self._note(-len(chunk))
             self.transport.write(chunk)
 
     def stopProducing(self) -> None:
         """The connection is gone."""
         self._stop(unregister=False)
+
+
+def _ignore(_change: int) -> None:
+    """Where an OutputBuffer outside the guard reports what it holds."""
+
+
+class OutputBudget:
+    """Bytes held for peers that have not read them: one budget per service,
+    with the suite's as the parent of them all (as Redis's maxmemory bounds
+    what its clients' output buffers take together).
+
+    Each guarded connection (:class:`GuardedProtocol`) reports what it holds
+    as that grows from our side: its transport's buffer and what its protocol
+    queues (a chat member's :class:`OutputBuffer`), an integer add each. What
+    the socket sends meanwhile is not seen, so the total errs high, never
+    low; when it passes the limit (this budget's or its parent's), the
+    connections under that budget that reported output are recounted (the
+    only scan of them, and only then), and while the total is still over, the
+    one holding the most is dropped (logged, and counted as ``limit_name`` in
+    the service's ``limits_hit``), then the next. ``limit`` 0: no cap here.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        parent: OutputBudget | None = None,
+        *,
+        what: str = "the suite's clients",
+        option: str = "--max-output",
+        limit_name: str = "suite_max_output",
+    ) -> None:
+        self.limit = limit
+        self.parent = parent
+        self.what = what
+        self.option = option
+        self.limit_name = limit_name
+        self.total = 0
+        self.holders: set[GuardedProtocol] = set()
+        self.children: WeakSet[OutputBudget] = WeakSet()
+        self._shedding = False
+        if parent is not None:
+            parent.children.add(self)
+
+    @property
+    def capped(self) -> bool:
+        """Whether anything is counted: this budget or its parent has a limit."""
+        return bool(self.limit or (self.parent is not None and self.parent.limit))
+
+    def over(self) -> bool:
+        return bool(self.limit) and self.total > self.limit
+
+    def change(self, holder: GuardedProtocol, held: int) -> None:
+        """``holder`` (under this budget) holds ``held`` bytes now."""
+        change = held - holder._reported
+        holder._reported = held
+        self.total += change
+        parent = self.parent
+        if parent is not None:
+            parent.total += change
+        root = parent or self
+        if change > 0 and not root._shedding and (self.over() or root.over()):
+            root._shedding = True
+            try:
+                self._shed()
+                if root is not self:
+                    root._shed()
+            finally:
+                root._shedding = False
+
+    def everyone(self) -> list[GuardedProtocol]:
+        """The connections under this budget, its children's too."""
+        found = list(self.holders)
+        for child in self.children:
+            found += child.holders
+        return found
+
+    def _shed(self) -> None:
+        if not self.over():
+            return
+        # Only what was reported can be out of date (the socket sent some
+        # since): a connection that reported nothing holds nothing.
+        holders = [holder for holder in self.everyone() if holder._reported]
+        for holder in holders:
+            holder._report()
+        if not self.over():
+            return
+        holders.sort(key=attrgetter("_reported"), reverse=True)
+        for holder in holders:
+            if not self.over() or not holder._reported:
+                break
+            if holder._budget is not None:
+                holder.drop_for_output(self)
+
+
+_suite_outputs: WeakKeyDictionary[Any, OutputBudget] = WeakKeyDictionary()
+
+
+def suite_output(clock: Any, limit: int) -> OutputBudget:
+    """The suite's output budget: one for all services of a process, as they
+    share its memory (found by its reactor, or a test's Clock), with ``limit``."""
+    found = _suite_outputs.get(clock)
+    if found is None:
+        found = _suite_outputs[clock] = OutputBudget(limit)
+    found.limit = limit
+    return found
 
 
 class LogBudget:

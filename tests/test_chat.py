@@ -10,6 +10,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -229,6 +230,7 @@ class ChatTestCase(SynchronousTestCase):
             max_clients=settings.max_clients,
             overflow_message=chat.OVERFLOW_MESSAGE,
             idle_timeout=settings.idle_timeout,
+            max_output=settings.max_output,
         )
         self.factory = GuardedFactory(self.chat_factory, policy, self.stats, self.clock)
         self.port = 40000
@@ -595,6 +597,61 @@ class ShutdownTests(ChatTestCase):
         talker.send("before")
         self.factory.server_stopping()
         self.assertEqual(slow.received(), ["<guest1> before", "*** server shutting down"])
+
+
+class OutputBudgetTests(ChatTestCase):
+    """Issue 12: members that talk and never read held max clients x max pending
+    (over 1 GiB at the defaults). The room's output together is bounded by
+    --chat-max-output; over it, the members holding the most go first."""
+
+    settings = {"rate": (0.0, 0.0), "max_pending": 0, "max_output": 10_000}
+    LINE = "x" * 100  # "<guest1> " and CRLF: 111 bytes each
+
+    def held(self, client: Client) -> int:
+        return client.chat.output.pending
+
+    def test_the_largest_holder_goes_first_and_the_room_stays_within_it(self) -> None:
+        talker, first, second, reader = self.clients(4)
+        first.transport.producer.pauseProducing()  # stops reading
+        for i in range(40):
+            talker.send(f"{i} {self.LINE}")
+        second.transport.producer.pauseProducing()  # stops reading later: holds less
+        with capturedLogs() as events:
+            for i in range(40, 70):
+                talker.send(f"{i} {self.LINE}")
+                self.assertLessEqual(self.factory.output.total, 10_000)
+        self.assertTrue(first.transport.disconnected)  # aborted, its output dropped
+        self.assertFalse(second.transport.disconnecting)
+        self.assertEqual(self.factory.output.total, self.held(second))
+        self.assertEqual(self.stats.limits["max_output"], 1)
+        self.assertEqual(self.stats.counters["dropped_slow"], 1)
+        (dropped,) = [formatEvent(e) for e in events if "dropping" in formatEvent(e)]
+        self.assertRegex(
+            dropped,
+            r"^chat: dropping 127\.0\.0\.1:\d+: \d+ bytes of output unread, the most while chat's clients"
+            r" held over 10000 bytes \(--chat-max-output\)$",
+        )
+        self.assertIn("*** guest2 left (too slow)", reader.received())
+        self.assertEqual(self.factory.wrappedFactory.room.nicks(), ["guest1", "guest3", "guest4"])
+
+    def test_a_member_that_catches_up_is_not_dropped(self) -> None:
+        talker, slow = self.clients(2)
+        slow.transport.producer.pauseProducing()
+        for i in range(60):
+            talker.send(f"{i} {self.LINE}")
+        slow.transport.producer.resumeProducing()  # reads it all
+        for i in range(60, 150):
+            talker.send(f"{i} {self.LINE}")
+        self.assertFalse(slow.transport.disconnecting)
+        self.assertEqual(self.factory.output.total, 0)
+
+    def test_what_a_member_left_is_given_back(self) -> None:
+        talker, slow = self.clients(2)
+        slow.transport.producer.pauseProducing()
+        talker.send(self.LINE)
+        self.assertGreater(self.factory.output.total, 0)
+        slow.lose()
+        self.assertEqual(self.factory.output.total, 0)
 
 
 class LoginTests(ChatTestCase):

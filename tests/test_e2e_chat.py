@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import signal
 import socket
 import struct
@@ -300,3 +302,42 @@ class LoginEndToEndTests(SynchronousTestCase):
             return b"welcome" in greeting
 
         wait_for(welcomed, timeout=8, what="a chat session after the hang-ups")
+
+
+class OutputBudgetEndToEndTests(SynchronousTestCase):
+    """Issue 12: 300 members that talk and never read took +1.2 GiB: the real
+    bound was max clients x max pending. --chat-max-output bounds the room."""
+
+    MEMBERS = 30
+
+    def test_members_that_talk_and_never_read_stay_within_the_budget(self) -> None:
+        suite = chat_suite(
+            self, "--chat-rate", "0", "--chat-max-pending", "0", "--chat-max-output", "4M", "--http-port", "0"
+        )
+        members = []
+        for _ in range(self.MEMBERS):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # and never read
+            sock.connect(suite.address("chat"))
+            self.addCleanup(sock.close)
+            members.append(sock)
+        suite.wait_log(f"joined as guest{self.MEMBERS}")
+        before = suite.rss_kib()
+        # Each says 180 KB, which reaches 29 others: 156 MB, were it all held.
+        # They talk at once, so each gets the lines of a turn but its own:
+        # a copy of its own.
+        for i in range(60):
+            line = b"%04d %s\n" % (i, b"z" * 3000)
+            for sock in members:
+                with contextlib.suppress(OSError):  # dropped already
+                    sock.sendall(line)
+        suite.wait_log("(--chat-max-output)")
+        grown = suite.rss_kib() - before
+        self.assertLess(grown, 32 * 1024, f"RSS grew by {grown} KiB")
+        host, port = suite.address("http")
+        with socket.create_connection((host, port), timeout=20) as sock:
+            sock.sendall(b"GET /status HTTP/1.0\r\n\r\n")
+            status = json.loads(recv_all(sock).partition(b"\r\n\r\n")[2])
+        chat = status["services"]["chat"]
+        self.assertGreater(chat["limits_hit"]["max_output"], 0)
+        self.assertEqual(chat["counters"]["dropped_slow"], chat["limits_hit"]["max_output"])

@@ -230,6 +230,92 @@ class RandomBytesProducerTests(SynchronousTestCase):
         self.assertFalse(consumer.finished)
 
 
+def echoed_as_before(method: str, path: str, uri: str, headers: dict[str, str], body: bytes) -> bytes:
+    """What /anything answered when it built its JSON in one piece."""
+    shown: dict[str, Any] = {
+        "method": method,
+        "path": path,
+        "query": http.query_of(uri.encode()),
+        "headers": headers,
+        "origin": "127.0.0.1",
+        "body_length": len(body),
+    }
+    try:
+        shown["body"] = body.decode("utf-8")
+    except UnicodeDecodeError:
+        shown["body"] = None
+        shown["body_base64"] = base64.b64encode(body).decode("ascii")
+    return json.dumps(shown, indent=2).encode("ascii") + b"\n"
+
+
+class EchoBodyTests(SynchronousTestCase):
+    """/anything's JSON is made a chunk at a pull, byte for byte as json.dumps makes it whole."""
+
+    BODIES = [
+        b"",
+        b"x",
+        b'{"k": 1}',
+        'h\u00e9 \U0001f600 \u2028 \x00\x1f"\\/'.encode() * 3000,  # chars split across reads
+        b"\x01" * (3 * http.ECHO_READ + 1),  # six bytes of JSON each
+        b"\xff\x00\xfe",  # not UTF-8: base64
+        b"\x00" * 5 + b"\xff" + b"a" * (2 * http.ECHO_READ),  # bad byte in the first read
+        b"a" * (2 * http.ECHO_READ) + b"\xe2\x82",  # cut short in the last one
+        os.urandom(3 * http.ECHO_READ + 2),
+    ]
+
+    def setUp(self) -> None:
+        self.http = Harness(self, max_body=10 * 1024 * 1024)
+
+    def test_same_bytes_as_one_json_dumps(self) -> None:
+        for body in self.BODIES:
+            response = self.http.get("/anything/x?q=1&q=%C3%A9", method="PUT", body=body)
+            headers = (
+                {"Host": "localhost", "Content-Length": str(len(body))} if body else {"Host": "localhost"}
+            )
+            expected = echoed_as_before("PUT", "/anything/x", "/anything/x?q=1&q=%C3%A9", headers, body)
+            self.assertEqual(response.body, expected, body[:40])
+            self.assertEqual(response.header(b"content-length"), b"%d" % len(expected))
+
+    def test_head_gets_the_length_only(self) -> None:
+        get = self.http.get("/anything", method="GET")
+        head = self.http.connect().request("/anything", "HEAD")[0]
+        self.assertEqual(head.body, b"")
+        self.assertEqual(head.header(b"content-length"), b"%d" % (len(get.body) + len("HEAD") - len("GET")))
+
+    def test_a_client_that_does_not_read_holds_a_chunk_not_the_whole_json(self) -> None:
+        """1 MiB of control bytes makes 6 MiB of JSON: made as the client
+        reads it (here, while the transport says it is full: nothing more)."""
+        body = b"\x01" * (1024 * 1024)
+        connection = self.http.connect()
+        channel = connection.transport.producer  # the channel, under the guard
+        channel.pauseProducing()  # the transport's buffer is full, as a client that stopped reading leaves it
+        connection.send(
+            b"POST /anything HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        self.http.pump()
+        self.assertLess(len(connection.transport.value()), 64 * 1024)
+        for _ in range(10_000):  # the client reads: each drained buffer asks for more
+            if connection.transport.value().endswith(b"\n}\n"):
+                break
+            channel.resumeProducing()
+            self.http.pump()
+            channel.pauseProducing()
+        (response,) = parse_responses(connection.received())
+        headers = {"Host": "x", "Content-Length": str(len(body))}
+        self.assertEqual(response.body, echoed_as_before("POST", "/anything", "/anything", headers, body))
+
+    def test_delay_answers_the_same_way(self) -> None:
+        connection = self.http.connect()
+        connection.send(b"POST /delay/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
+        self.http.clock.advance(1)
+        self.http.pump()
+        (response,) = parse_responses(connection.received())
+        self.assertEqual(
+            response.body,
+            echoed_as_before("POST", "/delay/1", "/delay/1", {"Host": "x", "Content-Length": "2"}, b"hi"),
+        )
+
+
 class RouteTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.http = Harness(self, max_body=1000, idle_timeout=60.0)

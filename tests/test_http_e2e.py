@@ -348,3 +348,60 @@ class ChatStatusEndToEndTests(SynchronousTestCase):
             self.assertGreaterEqual(during["lines"], 1)
             self.assertGreater(during["bytes"]["out"], before["bytes"]["out"])
         wait_for(lambda: client.json("/status")["services"]["chat"]["connections"]["current"] == 0)
+
+
+class HttpMemoryEndToEndTests(SynchronousTestCase):
+    """Issue 12: 100 clients that POST 1 MiB to /anything and never read took
+    +600 MiB (6 MiB of JSON each, written in one piece), and kept it."""
+
+    CLIENTS = 50
+    BODY = b"\x01" * (1024 * 1024)  # six bytes of JSON each: 6 MiB of answer
+
+    def test_clients_that_never_read_an_echo_hold_little_memory(self) -> None:
+        suite = Suite([*ALL_OFF, "--http-port", "0", "--http-max-body", "2M"]).start()
+        self.addCleanup(suite.stop)
+        client = Client(self, suite)
+        client.json("/status")  # everything a request needs is loaded
+        before = suite.rss_kib()
+        head = b"POST /anything HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(self.BODY)
+        for _ in range(self.CLIENTS):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # and never read
+            sock.connect((client.host, client.port))
+            self.addCleanup(sock.close)
+            sock.sendall(head + self.BODY)
+        asked = 1
+
+        def answered() -> bool:
+            nonlocal asked
+            asked += 1
+            requests = client.json("/status")["services"]["http"]["requests"]
+            return requests - asked >= self.CLIENTS
+
+        wait_for(answered, what=f"{self.CLIENTS} echoes under way")
+        grown = suite.rss_kib() - before
+        # One JSON each would be 300 MiB; a chunk and a transport buffer each are a few.
+        self.assertLess(grown, 64 * 1024, f"RSS grew by {grown} KiB")
+
+    def test_over_the_output_budget_the_largest_holders_are_dropped(self) -> None:
+        """What sits in the transports' buffers counts: 20 downloads that are
+        not read hold over 1 MiB there, past a --http-max-output of 512 KiB."""
+        suite = Suite([*ALL_OFF, "--http-port", "0", "--http-max-output", "512k"]).start()
+        self.addCleanup(suite.stop)
+        client = Client(self, suite)
+        socks = []
+        for _ in range(20):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # and never read
+            sock.connect((client.host, client.port))
+            self.addCleanup(sock.close)
+            sock.sendall(b"GET /bytes/10485760 HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+
+        def limit_hits() -> int:
+            return client.json("/status")["services"]["http"]["limits_hit"].get("max_output", 0)
+
+        wait_for(limit_hits, what="a client dropped over --http-max-output")
+        suite.wait_log("bytes of output unread, the most while http's clients held over 524288 bytes")
+        # The /status requests themselves were answered: the others carry on.
+        self.assertLess(limit_hits(), 20)

@@ -7,14 +7,23 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import config
-from sockproto.limits import SHUTDOWN_GRACE, FailureDelays, GuardedFactory, OutputBuffer
+from sockproto.limits import (
+    SHUTDOWN_GRACE,
+    ConnectionPolicy,
+    FailureDelays,
+    GuardedFactory,
+    OutputBudget,
+    OutputBuffer,
+    suite_output,
+)
+from sockproto.stats import ServiceStats
 from tests.test_limits import guarded
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
@@ -109,6 +118,104 @@ class OutputBufferTests(SynchronousTestCase):
         self.output.stopProducing()
         self.output.write(b"more")
         self.assertEqual((self.output.pending, self.transport.value()), (0, b""))
+
+
+class Backlog(Protocol):
+    """Queues what it is given for a peer that does not read (a paused OutputBuffer)."""
+
+    def connectionMade(self) -> None:
+        self.output = OutputBuffer(self.transport, 0, lambda: None)
+        self.output.pauseProducing()
+        self.dropped = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.output.write(data * 100)
+
+    def output_dropped(self) -> None:
+        self.dropped = True
+        self.output.discard()
+
+
+class OutputBudgetTests(SynchronousTestCase):
+    """One budget per service with the suite's above them: each connection
+    reports what it holds; over a limit, the largest holders go first."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def service(self, name: str, limit: int = 0, suite: int = 0) -> tuple[GuardedFactory, ServiceStats]:
+        stats = ServiceStats(name, "things")
+        policy = ConnectionPolicy(max_output=limit, suite_max_output=suite)
+        return GuardedFactory(Factory.forProtocol(Backlog), policy, stats, self.clock), stats
+
+    def connect(self, factory: GuardedFactory, port: int) -> tuple[Any, StringTransport]:
+        peer = IPv4Address("TCP", "127.0.0.1", port)
+        wrapper = factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        wrapper.makeConnection(transport)
+        return wrapper, transport
+
+    def test_the_suite_drops_the_largest_holder_of_any_service(self) -> None:
+        chat, chat_stats = self.service("chat", suite=5000)
+        http, http_stats = self.service("http", suite=5000)
+        (small, _), (big, big_transport) = self.connect(chat, 1), self.connect(http, 2)
+        small.dataReceived(b"x" * 10)  # holds 1000
+        big.dataReceived(b"y" * 30)  # holds 3000
+        self.assertEqual((chat.output.total, http.output.total, chat.output.parent.total), (1000, 3000, 4000))
+        with capturedLogs() as events:
+            small.dataReceived(b"x" * 15)  # 2500 + 3000: over the suite's 5000
+        self.assertTrue(big.wrappedProtocol.dropped)
+        self.assertTrue(big_transport.disconnected)
+        self.assertFalse(small.wrappedProtocol.dropped)
+        self.assertEqual((http_stats.limits["suite_max_output"], chat_stats.limits), (1, {}))
+        self.assertEqual(chat.output.parent.total, 2500)
+        self.assertEqual(
+            [formatEvent(e) for e in events],
+            [
+                "http: dropping 127.0.0.1:2: 3000 bytes of output unread, the most while the suite's clients"
+                " held over 5000 bytes (--max-output)"
+            ],
+        )
+
+    def test_a_service_over_its_own_budget_drops_only_its_own(self) -> None:
+        chat, chat_stats = self.service("chat", limit=2000, suite=100_000)
+        http, _ = self.service("http", suite=100_000)
+        (biggest, _), (other, _) = self.connect(http, 1), self.connect(chat, 2)
+        biggest.dataReceived(b"y" * 50)  # 5000, but in http, which has room
+        other.dataReceived(b"x" * 15)
+        (first, _) = self.connect(chat, 3)
+        first.dataReceived(b"x" * 10)  # chat: 1500 + 1000
+        self.assertEqual((other.wrappedProtocol.dropped, first.wrappedProtocol.dropped), (True, False))
+        self.assertFalse(biggest.wrappedProtocol.dropped)
+        self.assertEqual((chat.output.total, chat_stats.limits["max_output"]), (1000, 1))
+
+    def test_drops_until_under_and_recounts_each_time(self) -> None:
+        chat, stats = self.service("chat", limit=3500)
+        wrappers = [self.connect(chat, port)[0] for port in range(1, 5)]
+        for wrapper in wrappers:
+            wrapper.dataReceived(b"x" * 8)  # 800 each: 3200
+        wrappers[0].dataReceived(b"x" * 30)  # 3800 for it: 6200 in all
+        self.assertEqual([w.wrappedProtocol.dropped for w in wrappers], [True, False, False, False])
+        self.assertEqual(wrappers[1].output_held(), 800)
+        wrappers[1].wrappedProtocol.output.resumeProducing()  # it reads its backlog
+        wrappers[1].wrappedProtocol.output.pauseProducing()  # and stops again
+        self.assertEqual(chat.output.total, 1600)
+        for wrapper in wrappers[1:]:
+            wrapper.dataReceived(b"x" * 10)  # +1000 each: 2800, 1800, 1800 -> over at the third
+        self.assertEqual([w.wrappedProtocol.dropped for w in wrappers], [True, False, True, False])
+        self.assertEqual(stats.limits["max_output"], 2)
+
+    def test_nothing_counted_without_a_cap(self) -> None:
+        factory, _ = self.service("strip")
+        wrapper, _ = self.connect(factory, 1)
+        wrapper.dataReceived(b"x" * 10_000)
+        self.assertEqual((factory.output.total, factory.output.parent.total), (0, 0))
+        self.assertEqual(len(factory.output.holders), 0)
+
+    def test_one_suite_budget_per_reactor(self) -> None:
+        self.assertIs(suite_output(self.clock, 10), suite_output(self.clock, 10))
+        self.assertIsNot(suite_output(self.clock, 10), suite_output(Clock(), 10))
+        self.assertIsInstance(suite_output(self.clock, 10), OutputBudget)
 
 
 class FailureDelaysTests(SynchronousTestCase):
