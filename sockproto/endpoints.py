@@ -10,16 +10,26 @@ import ipaddress
 import re
 
 from sockproto import checks
+from sockproto.config import ConfigError
 
 
 def _escape(address: str) -> str:
     return address.replace(":", "\\:")
 
 
+# Twisted's tcp:, tcp6: and ssl: bind every address when no interface= is
+# given; ours bind --interface instead, as a bare port number does.
+_TAKES_INTERFACE = ("tcp", "tcp6", "ssl")
+_HAS_INTERFACE = re.compile(r"(?<!\\):interface=")
+
+
 def stream_description(spec: str, interface: str, tls_files: tuple[str, str] = ("", "")) -> str | None:
     """``9000`` -> ``tcp:9000:interface=127.0.0.1``; ``off`` -> None.
 
-    An ``ssl:`` endpoint that names no key gets ``--tls-cert``/``--tls-key``
+    A ``tcp:``, ``tcp6:`` or ``ssl:`` endpoint that names no ``interface=``
+    gets ``--interface`` (see :func:`_ipv6_interface` for ``tcp6:``), so no
+    form of the port setting listens beyond it by surprise. An ``ssl:``
+    endpoint that names no key gets ``--tls-cert``/``--tls-key``
     (``tls_files``), so ``--pop3-port ssl:995`` is POP3S with the suite's
     certificate; Twisted would otherwise look for ``server.pem``.
     """
@@ -28,10 +38,32 @@ def stream_description(spec: str, interface: str, tls_files: tuple[str, str] = (
     if spec.isdigit():
         kind = "tcp6" if ipaddress.ip_address(interface).version == 6 else "tcp"
         return f"{kind}:{spec}:interface={_escape(interface)}"
+    description = spec
     cert, key = tls_files
     if cert and checks.lacks_tls_files(spec):
-        return f"{spec}:privateKey={_escape(key or cert)}:certKey={_escape(cert)}"
-    return spec
+        description = f"{description}:privateKey={_escape(key or cert)}:certKey={_escape(cert)}"
+    kind = spec.partition(":")[0]
+    if kind in _TAKES_INTERFACE and not _HAS_INTERFACE.search(spec):
+        address = _ipv6_interface(spec, interface) if kind == "tcp6" else interface
+        description = f"{description}:interface={_escape(address)}"
+    return description
+
+
+def _ipv6_interface(spec: str, interface: str) -> str:
+    """The address a ``tcp6:`` endpoint naming none binds: ``--interface`` if
+    it is IPv6, else its IPv6 counterpart (``127.x`` -> ``::1``, ``0.0.0.0``
+    -> ``::``). Another IPv4 address has none: the endpoint must name one."""
+    address = ipaddress.ip_address(interface)
+    if address.version == 6:
+        return interface
+    if address.is_loopback:
+        return "::1"
+    if address.is_unspecified:
+        return "::"
+    raise ConfigError(
+        f"port {spec}: names no interface= and tcp6 cannot bind --interface {interface} (IPv4); "
+        f"name one, e.g. {spec}:interface=\\:\\:1"
+    )
 
 
 # Connections the kernel may hold for us before we accept them. Twisted's
