@@ -7,7 +7,6 @@ endpoint syntax at all; every service's port option goes through here.
 from __future__ import annotations
 
 import ipaddress
-import re
 
 from sockproto import checks
 from sockproto.config import ConfigError
@@ -20,7 +19,6 @@ def _escape(address: str) -> str:
 # Twisted's tcp:, tcp6: and ssl: bind every address when no interface= is
 # given; ours bind --interface instead, as a bare port number does.
 _TAKES_INTERFACE = ("tcp", "tcp6", "ssl")
-_HAS_INTERFACE = re.compile(r"(?<!\\):interface=")
 
 
 def stream_description(spec: str, interface: str, tls_files: tuple[str, str] = ("", "")) -> str | None:
@@ -43,7 +41,7 @@ def stream_description(spec: str, interface: str, tls_files: tuple[str, str] = (
     if cert and checks.lacks_tls_files(spec):
         description = f"{description}:privateKey={_escape(key or cert)}:certKey={_escape(cert)}"
     kind = spec.partition(":")[0]
-    if kind in _TAKES_INTERFACE and not _HAS_INTERFACE.search(spec):
+    if kind in _TAKES_INTERFACE and checks.endpoint_argument(spec, "interface") is None:
         address = _ipv6_interface(spec, interface) if kind == "tcp6" else interface
         description = f"{description}:interface={_escape(address)}"
     return description
@@ -74,14 +72,14 @@ def _ipv6_interface(spec: str, interface: str) -> str:
 # net.core.somaxconn (4096 by default since 5.4).
 LISTEN_BACKLOG = 1024
 _TAKES_BACKLOG = ("tcp", "tcp6", "ssl", "unix")
-_HAS_BACKLOG = re.compile(r"(?<!\\):backlog=")
 
 
 def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
     """The description with ``backlog=`` added where Twisted takes one and it
-    does not set its own (``tcp:9000:backlog=4096`` keeps 4096)."""
+    does not set its own (``tcp:9000:backlog=4096`` and ``tcp:9000:0.0.0.0:4096``
+    keep 4096)."""
     kind = description.partition(":")[0]
-    if kind not in _TAKES_BACKLOG or _HAS_BACKLOG.search(description):
+    if kind not in _TAKES_BACKLOG or checks.endpoint_argument(description, "backlog") is not None:
         return description
     return f"{description}:backlog={backlog}"
 
@@ -89,13 +87,12 @@ def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
 def loopback_only(description: str) -> bool:
     """Whether a stream endpoint description listens on loopback (or a UNIX
     socket) only. Unknown kinds (``systemd:``) count as beyond loopback."""
-    kind, _, rest = description.partition(":")
+    kind = description.partition(":")[0]
     if kind == "unix":
         return True
-    if kind not in ("tcp", "tcp6", "ssl"):
+    if kind not in _TAKES_INTERFACE:
         return False
-    params = dict(item.split("=", 1) for item in re.split(r"(?<!\\):", rest) if "=" in item)
-    address = params.get("interface", "").replace("\\:", ":")
+    address = checks.endpoint_argument(description, "interface") or ""
     try:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:

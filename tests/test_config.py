@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import checks, config, tap
 from sockproto.config import ConfigError
-from sockproto.endpoints import datagram_address, stream_description
+from sockproto.endpoints import datagram_address, loopback_only, stream_description
 from sockproto.listening import describe
 from tests.support import temp_dir
 
@@ -153,6 +153,11 @@ class EndpointTests(SynchronousTestCase):
         )
         # No files: Twisted's default (server.pem); a tcp: endpoint takes none.
         self.assertEqual(stream_description("ssl:995", "127.0.0.1"), "ssl:995:interface=127.0.0.1")
+        # Files named by position count too: Twisted would be given the key twice.
+        self.assertEqual(
+            stream_description("ssl:995:k.pem:c.pem", "127.0.0.1", files),
+            "ssl:995:k.pem:c.pem:interface=127.0.0.1",
+        )
         self.assertEqual(stream_description("tcp:995", "127.0.0.1", files), "tcp:995:interface=127.0.0.1")
 
     def test_every_endpoint_form_binds_the_interface_unless_it_names_one(self) -> None:
@@ -171,11 +176,43 @@ class EndpointTests(SynchronousTestCase):
             # One that names its interface keeps it; unix: and systemd: have none.
             ("tcp:9000:interface=0.0.0.0", "127.0.0.1", "tcp:9000:interface=0.0.0.0"),
             ("tcp:interface=0.0.0.0:port=9000", "127.0.0.1", "tcp:interface=0.0.0.0:port=9000"),
+            # ... by keyword or by position, as Twisted's grammar allows.
+            ("tcp:9000:0.0.0.0", "127.0.0.1", "tcp:9000:0.0.0.0"),
+            ("tcp6:9000:50:\\:\\:", "127.0.0.1", "tcp6:9000:50:\\:\\:"),
+            (
+                "ssl:995:k.pem:c.pem:TLSv1_2_METHOD:0.0.0.0",
+                "127.0.0.1",
+                "ssl:995:k.pem:c.pem:TLSv1_2_METHOD:0.0.0.0",
+            ),
             ("tcp6:9000:interface=\\:\\:", "127.0.0.1", "tcp6:9000:interface=\\:\\:"),
             ("unix:/tmp/s", "127.0.0.1", "unix:/tmp/s"),
             ("systemd:domain=INET:index=0", "127.0.0.1", "systemd:domain=INET:index=0"),
         ):
             self.assertEqual(stream_description(spec, interface, files), expected, (spec, interface))
+
+    def test_arguments_named_by_keyword_or_position(self) -> None:
+        for description, name, expected in (
+            ("tcp:9000:interface=10.0.0.1", "interface", "10.0.0.1"),
+            ("tcp:9000:10.0.0.1:backlog=5", "interface", "10.0.0.1"),
+            ("tcp:9000:10.0.0.1:5", "backlog", "5"),
+            ("tcp6:9000:50:fd00\\:\\:1", "interface", "fd00::1"),
+            ("tcp6:9000:interface=\\:\\:1", "interface", "::1"),
+            ("tcp6:9000:50", "interface", None),
+            ("ssl:995:privateKey=a\\=b.pem:interface=0.0.0.0", "interface", "0.0.0.0"),
+            ("ssl:995:k.pem:c.pem:TLSv1_2_METHOD:127.0.0.1", "interface", "127.0.0.1"),
+            ("ssl:995:k.pem", "privateKey", "k.pem"),
+            ("ssl:995:k.pem:c.pem", "interface", None),
+            ("unix:/tmp/s:660:20", "backlog", "20"),
+            ("unix:/tmp/s", "interface", None),
+            ("tcp:9000:backlog=5", "interface", None),
+            ("tcp:9000:interfaces=x", "interface", None),
+        ):
+            self.assertEqual(checks.endpoint_argument(description, name), expected, (description, name))
+        # What POP3 without --auth is allowed on goes by the same reading.
+        self.assertTrue(loopback_only("tcp:1110:127.0.0.1"))
+        self.assertFalse(loopback_only("tcp:1110:0.0.0.0"))
+        self.assertFalse(checks.lacks_tls_files("ssl:995:k.pem"))
+        self.assertTrue(checks.lacks_tls_files("ssl:995:interface=127.0.0.1"))
 
     def test_tcp6_with_an_ipv4_interface_it_cannot_bind(self) -> None:
         error = self.assertRaises(ConfigError, stream_description, "tcp6:9000", "192.168.1.5")
