@@ -21,7 +21,9 @@ def _escape(address: str) -> str:
 _TAKES_INTERFACE = ("tcp", "tcp6", "ssl")
 
 
-def stream_description(spec: str, interface: str, tls_files: tuple[str, str] = ("", "")) -> str | None:
+def stream_description(
+    spec: str, interface: str, tls_files: tuple[str, str] = ("", ""), service: str = "port"
+) -> str | None:
     """``9000`` -> ``tcp:9000:interface=127.0.0.1``; ``off`` -> None.
 
     A ``tcp:``, ``tcp6:`` or ``ssl:`` endpoint that names no ``interface=``
@@ -29,7 +31,8 @@ def stream_description(spec: str, interface: str, tls_files: tuple[str, str] = (
     form of the port setting listens beyond it by surprise. An ``ssl:``
     endpoint that names no key gets ``--tls-cert``/``--tls-key``
     (``tls_files``), so ``--pop3-port ssl:995`` is POP3S with the suite's
-    certificate; Twisted would otherwise look for ``server.pem``.
+    certificate; Twisted would otherwise look for ``server.pem``. ``service``
+    names the setting in an error.
     """
     if spec == "off":
         return None
@@ -42,12 +45,12 @@ def stream_description(spec: str, interface: str, tls_files: tuple[str, str] = (
         description = f"{description}:privateKey={_escape(key or cert)}:certKey={_escape(cert)}"
     kind = spec.partition(":")[0]
     if kind in _TAKES_INTERFACE and checks.endpoint_argument(spec, "interface") is None:
-        address = _ipv6_interface(spec, interface) if kind == "tcp6" else interface
+        address = _ipv6_interface(spec, interface, service) if kind == "tcp6" else interface
         description = f"{description}:interface={_escape(address)}"
     return description
 
 
-def _ipv6_interface(spec: str, interface: str) -> str:
+def _ipv6_interface(spec: str, interface: str, service: str) -> str:
     """The address a ``tcp6:`` endpoint naming none binds: ``--interface`` if
     it is IPv6, else its IPv6 counterpart (``127.x`` -> ``::1``, ``0.0.0.0``
     -> ``::``). Another IPv4 address has none: the endpoint must name one."""
@@ -59,7 +62,7 @@ def _ipv6_interface(spec: str, interface: str) -> str:
     if address.is_unspecified:
         return "::"
     raise ConfigError(
-        f"port {spec}: names no interface= and tcp6 cannot bind --interface {interface} (IPv4); "
+        f"{service}: {spec} names no interface= and tcp6 cannot bind --interface {interface} (IPv4); "
         f"name one, e.g. {spec}:interface=\\:\\:1"
     )
 

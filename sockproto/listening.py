@@ -129,7 +129,7 @@ def stream_listener(
     policy; ``suite`` says where bare ports listen, which TLS files an
     ``ssl:`` endpoint uses, how refusals are logged and how long a stop waits
     for open connections (here, so a worker's copy has them too)."""
-    description = stream_description(spec, suite.interface, (suite.tls_cert, suite.tls_key))
+    description = stream_description(spec, suite.interface, (suite.tls_cert, suite.tls_key), name)
     if description is None:
         return None
     if lacks_tls_files(description):

@@ -215,10 +215,12 @@ class EndpointTests(SynchronousTestCase):
         self.assertTrue(checks.lacks_tls_files("ssl:995:interface=127.0.0.1"))
 
     def test_tcp6_with_an_ipv4_interface_it_cannot_bind(self) -> None:
-        error = self.assertRaises(ConfigError, stream_description, "tcp6:9000", "192.168.1.5")
+        error = self.assertRaises(
+            ConfigError, stream_description, "tcp6:9000", "192.168.1.5", service="strip"
+        )
         self.assertEqual(
             str(error),
-            "port tcp6:9000: names no interface= and tcp6 cannot bind --interface 192.168.1.5 (IPv4); "
+            "strip: tcp6:9000 names no interface= and tcp6 cannot bind --interface 192.168.1.5 (IPv4); "
             "name one, e.g. tcp6:9000:interface=\\:\\:1",
         )
 

@@ -184,6 +184,13 @@ class BadConfigurationTests(SynchronousTestCase):
         self.assert_refused(["--chat-port", "tcp:9001:backlog=x"], "--chat-port: malformed endpoint")
         self.assert_refused(["--prot", "9000"], "option --prot not recognized")
 
+    def test_tcp6_endpoint_and_an_ipv4_interface_it_cannot_bind(self) -> None:
+        self.assert_refused(
+            [*ALL_OFF, "--port", "tcp6:0", "--interface", "192.0.2.1"],
+            "strip: tcp6:0 names no interface= and tcp6 cannot bind --interface 192.0.2.1 (IPv4); "
+            "name one, e.g. tcp6:0:interface=\\:\\:1",
+        )
+
     def test_bad_config_file(self) -> None:
         folder = temp_dir(self)
         path = Path(folder, "bad.toml")
