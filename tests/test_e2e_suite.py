@@ -136,6 +136,11 @@ class StartAndStopTests(SynchronousTestCase):
         )
         self.addCleanup(_kill_quietly, pid)
         wait_for(lambda: "sockproto ready" in Path(logfile).read_text(), what="ready line in the log file")
+        # logrotate's way: move the file, SIGHUP; the daemon goes on in a new one.
+        os.rename(logfile, logfile + ".1")
+        os.kill(pid, signal.SIGHUP)
+        reopened = f"SIGHUP: log files reopened: {logfile}"
+        wait_for(lambda: os.path.exists(logfile) and reopened in Path(logfile).read_text(), what="new log")
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not Path(pidfile).exists(), what="pidfile removed at stop")
         self.assertIn("strip stopped", Path(logfile).read_text())
