@@ -175,14 +175,45 @@ def stream_port(value: Any) -> str:
     return spec
 
 
-# An ssl: description that names the key or certificate it uses.
-_NAMES_TLS_FILES = re.compile(r"(?<!\\):(privateKey|certKey)=")
+def _split(text: str, separator: str, limit: int = 0) -> list[str]:
+    """Split at ``separator`` where no backslash escapes it (Twisted's grammar)."""
+    return re.split(rf"(?<!\\){separator}", text, maxsplit=limit)
+
+
+# The arguments Twisted's server endpoint grammars take by position, in order.
+_POSITIONAL = {
+    "tcp": ("port", "interface", "backlog"),
+    "tcp6": ("port", "backlog", "interface"),
+    "ssl": ("port", "privateKey", "certKey", "sslmethod", "interface", "backlog"),
+    "unix": ("address", "mode", "backlog"),
+}
+
+
+def endpoint_argument(description: str, name: str) -> str | None:
+    """What a server endpoint description gives argument ``name``, as
+    ``name=value`` or by position (``tcp:9000:0.0.0.0`` names its interface),
+    unescaped; None if it gives nothing."""
+    kind, _, rest = description.partition(":")
+    positional = []
+    for item in _split(rest, ":"):
+        key_value = _split(item, "=", 1)
+        if len(key_value) == 2 and key_value[0] == name:
+            return key_value[1].replace("\\:", ":")
+        if len(key_value) == 1:
+            positional.append(item)
+    names = _POSITIONAL.get(kind, ())
+    if name in names and names.index(name) < len(positional):
+        return positional[names.index(name)].replace("\\:", ":")
+    return None
 
 
 def lacks_tls_files(spec: str) -> bool:
-    """An ``ssl:`` description naming no key or certificate: the suite's
-    ``--tls-cert``/``--tls-key`` fill it in (endpoints.stream_description)."""
-    return spec.startswith("ssl:") and not _NAMES_TLS_FILES.search(spec)
+    """An ``ssl:`` description naming no key or certificate (by keyword or
+    by position): the suite's ``--tls-cert``/``--tls-key`` fill it in
+    (endpoints.stream_description)."""
+    return spec.startswith("ssl:") and all(
+        endpoint_argument(spec, name) is None for name in ("privateKey", "certKey")
+    )
 
 
 def _parse_endpoint(spec: str) -> None:

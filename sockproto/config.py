@@ -34,7 +34,11 @@ def option(default: Any, check: checks.Check, help: str, *, flag: bool = False, 
 
 @dataclass(frozen=True)
 class SuiteSettings:
-    interface: str = option("127.0.0.1", checks.interface, "Address that bare port numbers listen on.")
+    interface: str = option(
+        "127.0.0.1",
+        checks.interface,
+        "Address that bare port numbers, and tcp:/tcp6:/ssl: endpoints naming no interface=, listen on.",
+    )
     auth: tuple[str, ...] = option(
         (),
         checks.auth_descriptions,

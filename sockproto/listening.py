@@ -65,7 +65,7 @@ class Listener(Service):
             raise StartupError(f"{self.name}: cannot listen on {self.where}: {_reason(outcome.value)}")
         self.port = outcome
         if self.announce:
-            address = describe(outcome.getHost())
+            address = describe(outcome.getHost(), tls=self.where.startswith("ssl:"))
             self._stats.listening.append(address)
             log.info("{service} listening on {address}", service=self.name, address=address)
         super().privilegedStartService()
@@ -129,7 +129,7 @@ def stream_listener(
     policy; ``suite`` says where bare ports listen, which TLS files an
     ``ssl:`` endpoint uses, how refusals are logged and how long a stop waits
     for open connections (here, so a worker's copy has them too)."""
-    description = stream_description(spec, suite.interface, (suite.tls_cert, suite.tls_key))
+    description = stream_description(spec, suite.interface, (suite.tls_cert, suite.tls_key), name)
     if description is None:
         return None
     if lacks_tls_files(description):
@@ -152,13 +152,17 @@ def stream_listener(
     )
 
 
-def describe(address: Any) -> str:
-    """An IAddress as ``tcp:127.0.0.1:9000``, ``tcp6:[::1]:9000``, ``unix:/path``."""
+def describe(address: Any, tls: bool = False) -> str:
+    """An IAddress as ``tcp:127.0.0.1:9000``, ``tcp6:[::1]:9000``, ``unix:/path``;
+    ``ssl:127.0.0.1:995`` (``ssl:[::1]:995``) with ``tls``, which the address
+    cannot tell: a TLS port's is its TCP port's."""
     kind = getattr(address, "type", None)
     if kind in ("TCP", "UDP"):
         host = address.host
-        family = ("tcp" if kind == "TCP" else "udp") + ("6" if ":" in host else "")
         shown = f"[{host}]" if ":" in host else host
+        if tls:
+            return f"ssl:{shown}:{address.port}"
+        family = ("tcp" if kind == "TCP" else "udp") + ("6" if ":" in host else "")
         return f"{family}:{shown}:{address.port}"
     name = getattr(address, "name", None)
     if name is not None:

@@ -6,6 +6,7 @@ Both front doors (the twistd plugin and the .tac file) call :func:`make_service`
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -16,7 +17,8 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ReactorNotRunning
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
+from twisted.python.logfile import BaseLogFile
 
 from sockproto import __version__, chat, http, pop3, strip, udp, workers
 from sockproto.config import SERVICES, Settings
@@ -70,6 +72,7 @@ class Suite(MultiService):
 
     def _ready(self) -> None:
         self._stop_cleanly_on_sigterm()
+        self._reopen_logs_on_sighup()
         names = ", ".join(child.name for child in self if isinstance(child, Listener))
         names = names or "nothing (every service is off)"
         started = self.pool.ready if self.pool is not None else succeed(None)
@@ -114,6 +117,78 @@ class Suite(MultiService):
         # signals it leaves alone.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def _reopen_logs_on_sighup(self) -> None:
+        """SIGHUP is what logrotate (and a closed terminal) sends: reopen the
+        log files and keep serving, where Python's default would end the
+        process and cut every request in flight."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sighup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reopen_log_files)
+
+        signal.signal(signal.SIGHUP, on_sighup)
+        # As for SIGTERM: a SIGHUP while Python shuts down must not kill it.
+        self.reactor.addSystemEventTrigger("after", "shutdown", signal.signal, signal.SIGHUP, signal.SIG_IGN)
+
+    def reopen_log_files(self) -> None:
+        """Reopen twistd's log file and every access log by name, so that
+        after logrotate moved them the lines go to new files of those names."""
+        reopened, failed = [], []
+        for log_file in self._log_files():
+            problem = reopen_log_file(log_file)
+            if problem is None:
+                reopened.append(log_file.path)
+            else:
+                failed.append(problem)
+        for problem in failed:
+            log.warn(
+                "SIGHUP: cannot reopen {problem}; still writing to the file it had open", problem=problem
+            )
+        log.info("SIGHUP: log files reopened: {files}", files=", ".join(reopened) or "none")
+
+    def _log_files(self) -> list[BaseLogFile]:
+        """twistd's (``-l FILE``) and the services' access logs
+        (``--http-access-log``: a twisted.web Site's ``logFile``)."""
+        files = twistd_log_files()
+        for child in self:
+            site = getattr(getattr(child, "factory", None), "wrappedFactory", None)
+            access = getattr(site, "logFile", None)
+            if isinstance(access, BaseLogFile) and access not in files:
+                files.append(access)
+        return files
+
+
+def twistd_log_files() -> list[BaseLogFile]:
+    """The files twistd logs to: ``-l FILE``, or ``twistd.log`` as a daemon.
+
+    twistd keeps its LogFile only inside the observer it gives the global log
+    publisher, and twisted.logger has no public way back to it; so look there
+    (a FileLogObserver's output file). None logging to stdout, to syslog or
+    through ``--logger``.
+    """
+    observers = getattr(globalLogPublisher, "_observers", ())
+    found = (getattr(observer, "_outFile", None) for observer in observers)
+    return [out for out in found if isinstance(out, BaseLogFile)]
+
+
+def reopen_log_file(log_file: BaseLogFile) -> str | None:
+    """Reopen ``log_file`` by its name; what stops it, or None.
+
+    Reopening closes the old file first: one that cannot then be opened
+    (a folder the user twistd runs as, ``--uid``, may not write) is checked
+    for before, so the lines keep going to the old file rather than nowhere.
+    """
+    path = log_file.path
+    where = path if os.path.exists(path) else os.path.dirname(path) or "."
+    if not os.access(where, os.W_OK):
+        return f"{path}: cannot write to {where}"
+    try:
+        log_file.reopen()
+    except OSError as error:
+        return f"{path}: {error.strerror or error}"
+    return None
 
 
 def make_service(settings: Settings, reactor: Any = None, config_path: Path | None = None) -> Suite:

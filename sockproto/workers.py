@@ -626,8 +626,11 @@ def run_worker() -> int:
 
     # Ctrl-C in a terminal reaches the whole process group; the main process
     # decides when its workers stop (SIGTERM), and Twisted leaves an ignored
-    # SIGINT alone.
+    # SIGINT alone. A closed terminal's SIGHUP reaches the group too and must
+    # not end a worker either: the main process reopens the log files, and a
+    # worker has none of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     worker = Worker(reactor)
     globalLogBeginner.beginLoggingTo([worker.observe], redirectStandardIO=False)
     StandardIO(worker, stdin=0, stdout=MESSAGES_FD, reactor=reactor)

@@ -29,6 +29,9 @@ class WithBacklogTests(SynchronousTestCase):
         self.assertEqual(
             with_backlog("ssl:995:backlog=8:privateKey=k.pem"), "ssl:995:backlog=8:privateKey=k.pem"
         )
+        # Given by position: Twisted would be given the backlog twice, a TypeError.
+        for description in ("tcp:9000:127.0.0.1:4096", "tcp6:9000:4096", "unix:/s:660:4096"):
+            self.assertEqual(with_backlog(description), description)
 
     def test_other_endpoints_are_left_alone(self) -> None:
         self.assertEqual(with_backlog("systemd:domain=INET:index=0"), "systemd:domain=INET:index=0")

@@ -6,10 +6,13 @@ import os
 import tomllib
 from pathlib import Path
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import checks, config, tap
-from sockproto.endpoints import datagram_address, stream_description
+from sockproto.config import ConfigError
+from sockproto.endpoints import datagram_address, loopback_only, stream_description
+from sockproto.listening import describe
 from tests.support import temp_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,17 +141,95 @@ class EndpointTests(SynchronousTestCase):
         files = ("/etc/x/cert.pem", "/etc/x/key.pem")
         self.assertEqual(
             stream_description("ssl:995", "127.0.0.1", files),
-            "ssl:995:privateKey=/etc/x/key.pem:certKey=/etc/x/cert.pem",
+            "ssl:995:privateKey=/etc/x/key.pem:certKey=/etc/x/cert.pem:interface=127.0.0.1",
         )
         self.assertEqual(
-            stream_description("ssl:995:privateKey=k.pem", "127.0.0.1", files), "ssl:995:privateKey=k.pem"
+            stream_description("ssl:995:privateKey=k.pem:interface=10.0.0.1", "127.0.0.1", files),
+            "ssl:995:privateKey=k.pem:interface=10.0.0.1",
         )
         self.assertEqual(
             stream_description("ssl:995", "127.0.0.1", ("C:/both.pem", "")),
-            "ssl:995:privateKey=C\\:/both.pem:certKey=C\\:/both.pem",
+            "ssl:995:privateKey=C\\:/both.pem:certKey=C\\:/both.pem:interface=127.0.0.1",
         )
-        self.assertEqual(stream_description("ssl:995", "127.0.0.1"), "ssl:995")  # no files: Twisted's default
-        self.assertEqual(stream_description("tcp:995", "127.0.0.1", files), "tcp:995")
+        # No files: Twisted's default (server.pem); a tcp: endpoint takes none.
+        self.assertEqual(stream_description("ssl:995", "127.0.0.1"), "ssl:995:interface=127.0.0.1")
+        # Files named by position count too: Twisted would be given the key twice.
+        self.assertEqual(
+            stream_description("ssl:995:k.pem:c.pem", "127.0.0.1", files),
+            "ssl:995:k.pem:c.pem:interface=127.0.0.1",
+        )
+        self.assertEqual(stream_description("tcp:995", "127.0.0.1", files), "tcp:995:interface=127.0.0.1")
+
+    def test_every_endpoint_form_binds_the_interface_unless_it_names_one(self) -> None:
+        files = ("cert.pem", "key.pem")
+        for spec, interface, expected in (
+            ("tcp:9000", "127.0.0.1", "tcp:9000:interface=127.0.0.1"),
+            ("tcp:port=9000:backlog=8", "10.0.0.1", "tcp:port=9000:backlog=8:interface=10.0.0.1"),
+            ("tcp:9000", "::1", "tcp:9000:interface=\\:\\:1"),
+            ("ssl:995", "127.0.0.1", "ssl:995:privateKey=key.pem:certKey=cert.pem:interface=127.0.0.1"),
+            ("ssl:995:privateKey=k.pem", "::1", "ssl:995:privateKey=k.pem:interface=\\:\\:1"),
+            # tcp6: the IPv6 counterpart of an IPv4 --interface.
+            ("tcp6:9000", "::1", "tcp6:9000:interface=\\:\\:1"),
+            ("tcp6:9000", "127.0.0.1", "tcp6:9000:interface=\\:\\:1"),
+            ("tcp6:9000", "0.0.0.0", "tcp6:9000:interface=\\:\\:"),
+            ("tcp6:9000", "fd00::5", "tcp6:9000:interface=fd00\\:\\:5"),
+            # One that names its interface keeps it; unix: and systemd: have none.
+            ("tcp:9000:interface=0.0.0.0", "127.0.0.1", "tcp:9000:interface=0.0.0.0"),
+            ("tcp:interface=0.0.0.0:port=9000", "127.0.0.1", "tcp:interface=0.0.0.0:port=9000"),
+            # ... by keyword or by position, as Twisted's grammar allows.
+            ("tcp:9000:0.0.0.0", "127.0.0.1", "tcp:9000:0.0.0.0"),
+            ("tcp6:9000:50:\\:\\:", "127.0.0.1", "tcp6:9000:50:\\:\\:"),
+            (
+                "ssl:995:k.pem:c.pem:TLSv1_2_METHOD:0.0.0.0",
+                "127.0.0.1",
+                "ssl:995:k.pem:c.pem:TLSv1_2_METHOD:0.0.0.0",
+            ),
+            ("tcp6:9000:interface=\\:\\:", "127.0.0.1", "tcp6:9000:interface=\\:\\:"),
+            ("unix:/tmp/s", "127.0.0.1", "unix:/tmp/s"),
+            ("systemd:domain=INET:index=0", "127.0.0.1", "systemd:domain=INET:index=0"),
+        ):
+            self.assertEqual(stream_description(spec, interface, files), expected, (spec, interface))
+
+    def test_arguments_named_by_keyword_or_position(self) -> None:
+        for description, name, expected in (
+            ("tcp:9000:interface=10.0.0.1", "interface", "10.0.0.1"),
+            ("tcp:9000:10.0.0.1:backlog=5", "interface", "10.0.0.1"),
+            ("tcp:9000:10.0.0.1:5", "backlog", "5"),
+            ("tcp6:9000:50:fd00\\:\\:1", "interface", "fd00::1"),
+            ("tcp6:9000:interface=\\:\\:1", "interface", "::1"),
+            ("tcp6:9000:50", "interface", None),
+            ("ssl:995:privateKey=a\\=b.pem:interface=0.0.0.0", "interface", "0.0.0.0"),
+            ("ssl:995:k.pem:c.pem:TLSv1_2_METHOD:127.0.0.1", "interface", "127.0.0.1"),
+            ("ssl:995:k.pem", "privateKey", "k.pem"),
+            ("ssl:995:k.pem:c.pem", "interface", None),
+            ("unix:/tmp/s:660:20", "backlog", "20"),
+            ("unix:/tmp/s", "interface", None),
+            ("tcp:9000:backlog=5", "interface", None),
+            ("tcp:9000:interfaces=x", "interface", None),
+        ):
+            self.assertEqual(checks.endpoint_argument(description, name), expected, (description, name))
+        # What POP3 without --auth is allowed on goes by the same reading.
+        self.assertTrue(loopback_only("tcp:1110:127.0.0.1"))
+        self.assertFalse(loopback_only("tcp:1110:0.0.0.0"))
+        self.assertFalse(checks.lacks_tls_files("ssl:995:k.pem"))
+        self.assertTrue(checks.lacks_tls_files("ssl:995:interface=127.0.0.1"))
+
+    def test_tcp6_with_an_ipv4_interface_it_cannot_bind(self) -> None:
+        error = self.assertRaises(
+            ConfigError, stream_description, "tcp6:9000", "192.168.1.5", service="strip"
+        )
+        self.assertEqual(
+            str(error),
+            "strip: tcp6:9000 names no interface= and tcp6 cannot bind --interface 192.168.1.5 (IPv4); "
+            "name one, e.g. tcp6:9000:interface=\\:\\:1",
+        )
+
+    def test_the_log_names_a_tls_port_ssl(self) -> None:
+        # A TLS port's address is its TCP port's: the scheme comes from the description.
+        self.assertEqual(describe(IPv4Address("TCP", "127.0.0.1", 995)), "tcp:127.0.0.1:995")
+        self.assertEqual(describe(IPv4Address("TCP", "127.0.0.1", 995), tls=True), "ssl:127.0.0.1:995")
+        self.assertEqual(describe(IPv6Address("TCP", "::1", 995), tls=True), "ssl:[::1]:995")
+        self.assertEqual(describe(IPv6Address("TCP", "::1", 9000)), "tcp6:[::1]:9000")
 
     def test_port_checks(self) -> None:
         self.assertEqual(checks.stream_port(9000), "9000")

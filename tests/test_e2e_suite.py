@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import config
 from tests.support import ALL_OFF, REPO, Suite, recv_until, run_twistd, temp_dir, wait_for
+from tests.test_pop3_e2e import make_certificate
 
 TAC = REPO / "tac" / "sockproto.tac"
 
@@ -57,6 +59,23 @@ class StartAndStopTests(SynchronousTestCase):
             with socket.create_connection(suite.address("strip"), timeout=10) as sock:
                 sock.sendall(b"v 6\n")
                 self.assertEqual(recv_until(sock, lambda d: d.endswith(b"\0")), b"v6\x00")
+
+    def test_endpoints_naming_no_interface_bind_the_interface_and_the_log_says_ssl(self) -> None:
+        """The README's POP3S example, ``ssl:PORT`` with the suite's TLS files,
+        and ``tcp:PORT`` listen on --interface only, not on every address."""
+        folder = Path(temp_dir(self))
+        cert, key = make_certificate(folder / "tls")
+        args = ["--port", "tcp:0", "--pop3-port", "ssl:0", "--tls-cert", cert, "--tls-key", key]
+        with Suite([*ALL_OFF, *args, "--maildir", str(folder / "mail")], cwd=str(folder)) as suite:
+            self.assertEqual(suite.address("strip")[0], "127.0.0.1")
+            host, port = suite.address("pop3")
+            self.assertEqual(host, "127.0.0.1")
+            self.assertTrue(suite.saw(f"pop3 listening on ssl:127.0.0.1:{port}"), suite.output)
+            self.assertEqual(listening_on(port), {"127.0.0.1"})
+            self.assertTrue(strip_works(suite))
+            context = ssl.create_default_context(cafile=cert)
+            with context.wrap_socket(suite.connect("pop3"), server_hostname="localhost") as tls:
+                self.assertTrue(recv_until(tls, lambda d: d.endswith(b"\r\n")).startswith(b"+OK"))
 
     def test_unix_endpoint(self) -> None:
         path = os.path.join(temp_dir(self), "strip.sock")
@@ -117,6 +136,11 @@ class StartAndStopTests(SynchronousTestCase):
         )
         self.addCleanup(_kill_quietly, pid)
         wait_for(lambda: "sockproto ready" in Path(logfile).read_text(), what="ready line in the log file")
+        # logrotate's way: move the file, SIGHUP; the daemon goes on in a new one.
+        os.rename(logfile, logfile + ".1")
+        os.kill(pid, signal.SIGHUP)
+        reopened = f"SIGHUP: log files reopened: {logfile}"
+        wait_for(lambda: os.path.exists(logfile) and reopened in Path(logfile).read_text(), what="new log")
         os.kill(pid, signal.SIGTERM)
         wait_for(lambda: not Path(pidfile).exists(), what="pidfile removed at stop")
         self.assertIn("strip stopped", Path(logfile).read_text())
@@ -129,6 +153,18 @@ class StartAndStopTests(SynchronousTestCase):
         wait_for(lambda: suite.saw('"sockproto ready: {services}"'), what="JSON ready event")
         self.assertTrue(suite.saw('"service": "strip"'))
         self.assertEqual(suite.stop(), 0)
+
+
+def listening_on(port: int) -> set[str]:
+    """The addresses the kernel has a TCP socket listening on ``port`` at
+    (IPv4, from /proc/net/tcp: ``0100007F:PORT`` is 127.0.0.1)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, _, local_port = local.partition(":")
+        if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
 
 
 def _kill_quietly(pid: int) -> None:
@@ -152,6 +188,13 @@ class BadConfigurationTests(SynchronousTestCase):
         self.assert_refused(["--port", "65536"], "--port: port out of range 0-65535: 65536")
         self.assert_refused(["--chat-port", "tcp:9001:backlog=x"], "--chat-port: malformed endpoint")
         self.assert_refused(["--prot", "9000"], "option --prot not recognized")
+
+    def test_tcp6_endpoint_and_an_ipv4_interface_it_cannot_bind(self) -> None:
+        self.assert_refused(
+            [*ALL_OFF, "--port", "tcp6:0", "--interface", "192.0.2.1"],
+            "strip: tcp6:0 names no interface= and tcp6 cannot bind --interface 192.0.2.1 (IPv4); "
+            "name one, e.g. tcp6:0:interface=\\:\\:1",
+        )
 
     def test_bad_config_file(self) -> None:
         folder = temp_dir(self)

@@ -1,20 +1,25 @@
-"""SIGTERM stops the suite gracefully, end to end: every service stops
-accepting, chat clients are told, an HTTP response or a POP3 RETR under way
-is finished, all within --shutdown-grace, and the process exits 0."""
+"""Signals, end to end. SIGTERM stops the suite gracefully: every service
+stops accepting, chat clients are told, an HTTP response or a POP3 RETR under
+way is finished, all within --shutdown-grace, and the process exits 0. SIGHUP
+(logrotate's) reopens the log files and stops nothing."""
 
 from __future__ import annotations
 
 import io
 import itertools
 import json
+import os
+import signal
 import socket
 import time
 from pathlib import Path
 
+from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto.maildir import Maildir
-from tests.support import Suite, recv_all, recv_until, temp_dir, wait_for
+from sockproto.service import reopen_log_file
+from tests.support import ALL_OFF, LISTENING, Suite, recv_all, recv_until, temp_dir, wait_for
 
 DOWNLOAD = 10 * 1024 * 1024  # the largest /bytes
 # About 20 MB on the wire, with dot-led lines to stuff.
@@ -130,3 +135,82 @@ class GracefulStopTests(SynchronousTestCase):
         self.assertTrue(suite.saw("http: 1 connection(s) still open after 1 s; cutting them"), suite.output)
         self.assertTrue(suite.saw("pop3: 1 connection(s) still open after 1 s; cutting them"), suite.output)
         self.assertFalse(suite.saw("Traceback"), suite.output)
+
+
+def read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+class SighupTests(SynchronousTestCase):
+    def test_reopen_by_name_or_keep_the_old_file(self) -> None:
+        folder = Path(temp_dir(self)) / "logs"
+        folder.mkdir()
+        log_file = LogFile("access.log", str(folder))
+        self.addCleanup(log_file.close)
+        log_file.write("one\n")
+        os.rename(folder / "access.log", folder / "access.log.1")
+        self.assertIsNone(reopen_log_file(log_file))
+        log_file.write("two\n")
+        self.assertEqual(read(folder / "access.log"), "two\n")
+        self.assertEqual(read(folder / "access.log.1"), "one\n")
+        # A file it could not open again: the old one stays open, and in use.
+        os.rename(folder, folder.with_name("moved"))
+        self.assertEqual(reopen_log_file(log_file), f"{folder / 'access.log'}: cannot write to {folder}")
+        log_file.write("three\n")
+        self.assertEqual(read(folder.with_name("moved") / "access.log"), "two\nthree\n")
+
+    def test_sighup_reopens_the_log_files_and_keeps_serving(self) -> None:
+        """What logrotate does: move the files, send SIGHUP; the lines go on in
+        new files of the same names, and a response under way is sent whole."""
+        folder = Path(temp_dir(self))
+        twistd_log, access_log = folder / "twistd.log", folder / "access.log"
+        suite = Suite(
+            [*ALL_OFF, "--http-port", "0", "--http-access-log", str(access_log)],
+            cwd=str(folder),
+            twistd_args=["-l", str(twistd_log)],
+        ).start(ready=False)
+        self.addCleanup(suite.stop)
+        wait_for(
+            lambda: "sockproto ready" in read(twistd_log) or suite.process.poll() is not None, what="ready"
+        )
+        self.assertIn("sockproto ready", read(twistd_log), suite.output)
+        address = LISTENING.search(read(twistd_log)).group(2)  # tcp:127.0.0.1:PORT
+        host, port = address.split(":", 1)[1].rsplit(":", 1)
+
+        def get(target: str) -> bytes:
+            with socket.create_connection((host, int(port)), timeout=20) as sock:
+                sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                return recv_all(sock)
+
+        self.assertIn(b" 200 ", get("/anything?before"))
+        wait_for(lambda: "?before" in read(access_log), what="the first access log line")
+        # A download the client reads slowly: its first 64 KiB now, the rest after SIGHUP.
+        download = socket.create_connection((host, int(port)), timeout=20)
+        self.addCleanup(download.close)
+        download.sendall(b"GET /bytes/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % DOWNLOAD)
+        download_start = recv_until(download, lambda d: len(d) > 64 * 1024)
+
+        os.rename(twistd_log, folder / "twistd.log.1")
+        os.rename(access_log, folder / "access.log.1")
+        suite.process.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: "SIGHUP: log files reopened" in read(twistd_log) or suite.process.poll() is not None,
+            what="the reopened twistd log",
+        )
+        self.assertIsNone(suite.process.poll(), read(folder / "twistd.log.1"))
+        self.assertIn(f"SIGHUP: log files reopened: {twistd_log}, {access_log}", read(twistd_log))
+
+        self.assertIn(b" 200 ", get("/anything?after"))
+        head, body = body_of(download_start + recv_all(download))
+        self.assertIn(b"HTTP/1.1 200 ", head)
+        self.assertEqual(len(body), DOWNLOAD)
+        wait_for(lambda: "?after" in read(access_log), what="the new access log line")
+        wait_for(lambda: "/bytes/" in read(access_log), what="the download's line, logged once it ended")
+        self.assertIn("?before", read(folder / "access.log.1"))
+        self.assertNotIn("?after", read(folder / "access.log.1"))
+        self.assertNotIn("SIGHUP", read(folder / "twistd.log.1"))
+
+        self.assertEqual(suite.stop(), 0)
+        self.assertIn("http stopped", read(twistd_log))
+        for path in folder.iterdir():
+            self.assertNotIn("Traceback", read(path), path)

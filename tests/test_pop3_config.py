@@ -50,11 +50,20 @@ class BuildTests(SynchronousTestCase):
         self.assertIsNone(build(pop3__port="off"))
 
     def test_no_auth_beyond_loopback_is_refused(self) -> None:
-        for values in ({"suite__interface": "0.0.0.0"}, {"pop3__port": "tcp:1110"}):
+        for values in (
+            {"suite__interface": "0.0.0.0"},
+            {"pop3__port": "tcp:1110:interface=0.0.0.0"},
+            {"suite__interface": "0.0.0.0", "pop3__port": "tcp:1110"},
+        ):
             error = self.assertRaises(config.ConfigError, build, **values)
             self.assertIn(
                 "without --auth any password is accepted, so POP3 listens on loopback only", str(error)
             )
+
+    def test_an_endpoint_naming_no_interface_binds_the_loopback_interface(self) -> None:
+        # It used to bind every address, and so was refused without --auth.
+        listener = build(pop3__port="tcp:1110")
+        self.assertEqual(listener.where, "tcp:1110:interface=127.0.0.1")
 
     def test_auth_beyond_loopback_is_allowed(self) -> None:
         self.assertIsNotNone(build(suite__interface="0.0.0.0", suite__auth=["memory:a:b"]))

@@ -455,6 +455,19 @@ class WorkersEndToEndTests(SynchronousTestCase):
         for process in status["processes"]:
             self.assertGreaterEqual(process["connections"]["http"], 5)
 
+    def test_sighup_to_every_process_stops_none(self) -> None:
+        """A closed terminal sends SIGHUP to the whole process group."""
+        for pid in (self.main, self.worker):
+            os.kill(pid, signal.SIGHUP)
+        self.suite.wait_log("SIGHUP: log files reopened")
+        os.kill(self.main, signal.SIGSTOP)
+        try:
+            self.strip_lines(1)  # the worker serves
+        finally:
+            os.kill(self.main, signal.SIGCONT)
+        self.assertEqual(self.status()["processes"][1]["pid"], self.worker)
+        self.assertFalse(self.suite.saw("exited"), self.suite.output)
+
     def test_worker_that_dies_is_started_again(self) -> None:
         os.kill(self.worker, signal.SIGKILL)
         self.suite.wait_log(f"worker 2 (pid {self.worker}) exited (signal 9); starting it again in 1 s")
