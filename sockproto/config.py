@@ -147,6 +147,17 @@ class HttpSettings:
     max_body: int = option(
         1024 * 1024, checks.byte_size, "Largest request body, in bytes (413 above; 0: no body at all)."
     )
+    linger_time: float = option(
+        5.0,
+        checks.seconds,
+        "Seconds a refused HTTP request's connection (413, 400, ...) keeps reading and dropping what "
+        "the client still sends, so it gets the answer, not a reset (0: close at once).",
+    )
+    linger_bytes: int = option(
+        1024 * 1024,
+        checks.byte_size,
+        "Most bytes read and dropped after a refusal (see --http-linger-time) before the close.",
+    )
 
 
 @dataclass(frozen=True)
