@@ -154,9 +154,10 @@ class HttpSettings:
         "the client still sends, so it gets the answer, not a reset (0: close at once).",
     )
     linger_bytes: int = option(
-        1024 * 1024,
+        16 * 1024 * 1024,
         checks.byte_size,
-        "Most bytes read and dropped after a refusal (see --http-linger-time) before the close.",
+        "Most bytes read and dropped after a refusal (see --http-linger-time) before the close "
+        "(curl over loopback sends a few MB more before it reads a 413).",
     )
 
 

@@ -889,7 +889,7 @@ class ResponderSite(server.Site):
         max_body: int,
         idle_timeout: float,
         linger_time: float = 5.0,
-        linger_bytes: int = 1024 * 1024,
+        linger_bytes: int = 16 * 1024 * 1024,
         access_log: str = "",
         log_rate: tuple[float, float] = (0.0, 0.0),
         reactor: Any = None,
