@@ -19,7 +19,13 @@ twisted.web does the HTTP; this module adds the limits it lacks:
   (see :class:`PausedOnce`): twisted.web would leave a pipelined response
   that starts while the send buffer is full paused for ever;
 - a client that half-closes after its requests (ncat, ``nc -N``) gets its
-  answers: twisted.web would drop every one not yet written.
+  answers: twisted.web would drop every one not yet written;
+- a refusal (413, 400, ...) is followed by a lingering close, as nginx's:
+  twisted.web closes at once, and the kernel's reset over the unread upload
+  loses the answer;
+- RFC 9112's rules twisted.web lacks: a folded header line (obs-fold) and an
+  HTTP/1.1 request without one Host get 400, an absolute-form target is
+  answered by its path.
 """
 
 from __future__ import annotations

@@ -112,6 +112,7 @@ class Listing(static.DirectoryLister):
         return NOT_FOUND
 
     def _getFilesAndDirectories(self, directory: Iterable[str | bytes]) -> tuple[list[dict], list[dict]]:
+        """twisted.web's rows, built from each name's bytes (see the class docstring)."""
         dirs: list[dict] = []
         files: list[dict] = []
         for name in directory:
