@@ -572,11 +572,11 @@ class ResponderChannel(HTTPChannel):
     def lineReceived(self, line: bytes) -> None:
         if self._lingering:
             return  # the rest of a chunk read before the refusal
-        if line[:1] in (b" ", b"\t"):
+        if line[:1] in (b" ", b"\t") and self.requests:  # a header line (see lineLengthExceeded)
             # twisted.web joins such a line to the header before it (obs-fold,
             # RFC 9112 sec. 5.2); a proxy in front may read it as a header of
             # its own, so the two would disagree on the request: refused, as
-            # nginx does.
+            # nginx does. (A request line so indented is malformed already.)
             self._bad_request(
                 "header line starts with a space or tab (obs-fold)",
                 "bad request: a header line must not start with a space or tab (no obs-fold)\n",

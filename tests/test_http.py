@@ -693,7 +693,10 @@ class MalformedRequestTests(SynchronousTestCase):
             self.assertEqual(
                 logged, ["http: closing 127.0.0.1:40000: header line starts with a space or tab (obs-fold)"]
             )
-        self.assertEqual(self.http.service_stats.counters["bad_requests"], 3)
+        self.connection = self.http.connect()
+        response, logged = self.refused(b" GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a header: malformed
+        self.assertEqual(logged, ["http: closing 127.0.0.1:40000: malformed request"])
+        self.assertEqual(self.http.service_stats.counters["bad_requests"], 4)
         self.assertEqual(self.http.service_stats.handled, 0)
 
     def test_http11_needs_one_host(self) -> None:
