@@ -169,6 +169,18 @@ class HttpSettings:
         "Output held for all HTTP clients together; over it the clients holding the most are dropped "
         "first (0: only --max-output).",
     )
+    linger_time: float = option(
+        5.0,
+        checks.seconds,
+        "Seconds a refused HTTP request's connection (413, 400, ...) keeps reading and dropping what "
+        "the client still sends, so it gets the answer, not a reset (0: close at once).",
+    )
+    linger_bytes: int = option(
+        16 * 1024 * 1024,
+        checks.byte_size,
+        "Most bytes read and dropped after a refusal (see --http-linger-time) before the close "
+        "(curl over loopback sends a few MB more before it reads a 413).",
+    )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,13 @@ twisted.web does the HTTP; this module adds the limits it lacks:
 - a client that half-closes after its requests (ncat, ``nc -N``) gets its
   answers: twisted.web would drop every one not yet written;
 - a body made from the client's input (``/anything``) is made a chunk at a
-  time as the client reads it (:class:`EchoBody`), like every other large body.
+  time as the client reads it (:class:`EchoBody`), like every other large body;
+- a refusal (413, 400, ...) is followed by a lingering close, as nginx's:
+  twisted.web closes at once, and the kernel's reset over the unread upload
+  loses the answer;
+- RFC 9112's rules twisted.web lacks: a folded header line (obs-fold) and an
+  HTTP/1.1 request without one Host get 400, an absolute-form target is
+  answered by its path.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.interfaces import IHalfCloseableProtocol, INegotiated, IPushProducer, ITCPTransport
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -124,6 +130,24 @@ def parse_size(segment: bytes) -> int | None:
     return None
 
 
+# An absolute-form target's scheme and authority (RFC 9112 sec. 3.2.2): what follows
+# is the path and query the request is routed by.
+ABSOLUTE_FORM = re.compile(rb"(?i)https?://[!-~]*?(?=[/?]|$)")
+
+
+def origin_form(target: bytes) -> bytes:
+    """``http://host:8080/get?a=1`` -> ``/get?a=1``; any other target unchanged.
+
+    RFC 9112 says a server must accept the absolute form (what a client talking to a
+    proxy sends); the authority adds nothing here, which answers for one site only.
+    """
+    match = ABSOLUTE_FORM.match(target)
+    if match is None:
+        return target
+    rest = target[match.end() :]
+    return rest if rest.startswith(b"/") else b"/" + rest
+
+
 def target_problem(uri: bytes) -> str | None:
     """Why a request target cannot be answered (the end of a log line), or None.
 
@@ -141,7 +165,7 @@ def target_problem(uri: bytes) -> str | None:
 
 BAD_TARGET = {
     "is not printable ASCII": "bad request: the request target must be printable ASCII (others as %XX)\n",
-    "is not a path": "bad request: the request target must be a path starting with /\n",
+    "is not a path": "bad request: the request target must be a path starting with / (or http://HOST/PATH)\n",
 }
 
 
@@ -341,7 +365,15 @@ class Status(Route):
         return StatusCode(code)
 
 
+# The redirects httpbin's /status/CODE sends with a Location (and where to).
+REDIRECT_CODES = frozenset({301, 302, 303, 305, 307})
+REDIRECT_LOCATION = b"/redirect/1"
+
+
 class StatusCode(Route):
+    """``/status/CODE``: CODE with its reason as the body; a redirect names a
+    Location, as httpbin's does, so a client's redirect handling gets one."""
+
     methods = ANY_METHOD
 
     def __init__(self, code: int) -> None:
@@ -350,6 +382,8 @@ class StatusCode(Route):
 
     def respond(self, request: Any) -> Any:
         request.setResponseCode(self.code)
+        if self.code in REDIRECT_CODES:
+            request.setHeader(b"location", REDIRECT_LOCATION)
         if self.code in http.NO_BODY_CODES:
             # Finished here: twisted.web's render would add Content-Length: 0,
             # which a 204 must not carry.
@@ -606,8 +640,14 @@ class ResponderChannel(HTTPChannel):
     _client_done = False  # the client half-closed: it sends nothing more
     _stall_call: Any = None
     _until_done: Deferred[bytes] | None = None  # the server stops once the response is out
+    _lingering = False  # refused: what the client still sends is read and dropped
+    _lingered = 0  # bytes dropped so far
+    _linger_call: Any = None
 
     def dataReceived(self, data: bytes) -> None:
+        if self._lingering:
+            self._discard(data)
+            return
         # HTTPChannel restarts the timer on every chunk; start it only at a
         # request's first byte, so the whole request must arrive in time.
         if not self._receiving:
@@ -615,7 +655,40 @@ class ResponderChannel(HTTPChannel):
             self.resetTimeout()
         LineReceiver.dataReceived(self, data)
 
+    def lineReceived(self, line: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a chunk read before the refusal
+        if line[:1] in (b" ", b"\t") and self.requests:  # a header line (see lineLengthExceeded)
+            # twisted.web joins such a line to the header before it (obs-fold,
+            # RFC 9112 sec. 5.2); a proxy in front may read it as a header of
+            # its own, so the two would disagree on the request: refused, as
+            # nginx does. (A request line so indented is malformed already.)
+            self._bad_request(
+                "header line starts with a space or tab (obs-fold)",
+                "bad request: a header line must not start with a space or tab (no obs-fold)\n",
+            )
+            return
+        super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if not self._lingering:
+            super().rawDataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        # RFC 9112 sec. 3.2: 400 to an HTTP/1.1 request without a Host header,
+        # and to any request with more than one.
+        hosts = self.requests[-1].requestHeaders.getRawHeaders(b"host", [])
+        if len(hosts) > 1 or (not hosts and self._version == b"HTTP/1.1"):
+            self._bad_request(
+                "no Host header" if not hosts else "more than one Host header",
+                "bad request: an HTTP/1.1 request needs one Host header\n",
+            )
+            return
+        super().allHeadersReceived()
+
     def allContentReceived(self) -> None:
+        if self._lingering:
+            return  # the end of a refused request's body: not a request
         self._receiving = False
         super().allContentReceived()
 
@@ -678,7 +751,8 @@ class ResponderChannel(HTTPChannel):
             self._close_when_answered()
 
     def writeConnectionLost(self) -> None:
-        self.loseConnection()
+        if not self._lingering:  # lingering: the write side was closed on purpose
+            self.loseConnection()
 
     def _close_when_answered(self) -> None:
         # A request only partly received when the client closed can never be
@@ -710,19 +784,70 @@ class ResponderChannel(HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         # twisted.web's own answer to a malformed request is a bare 400 and
         # no log line; same status, but say it to the client and the log.
+        self._bad_request("malformed request", "bad request: malformed HTTP\n")
+
+    def _bad_request(self, why: str, text: str) -> None:
+        """A 400 for a request the server will not read: counted, logged once, then close."""
+        if self._lingering or self.transport.disconnecting:
+            return  # refused already: one answer, one line
         self.site.service_stats.counters["bad_requests"] += 1
-        log.info("http: closing {peer}: malformed request", peer=peer_of(self.transport))
-        self.refuse(400, "bad request: malformed HTTP\n")
+        log.info("http: closing {peer}: {why}", peer=peer_of(self.transport), why=why)
+        self.refuse(400, text)
 
     def refuse(self, code: int, text: str) -> None:
-        """Answer ``code`` outside any Request, then close."""
-        if self.transport.disconnecting:
+        """Answer ``code`` outside any Request, then close (see :meth:`_linger`)."""
+        if self._lingering or self.transport.disconnecting:
             return
         self.transport.write(plain_response(code, text))
-        self.loseConnection()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Read and drop what the client still sends, then close: nginx's lingering close.
+
+        Closing a socket with unread data makes the kernel send a reset, and a
+        client still sending (curl uploading a body over the cap) then loses
+        the answer it was sent. So the write side is closed after the answer
+        (the client reads it, then an end) and the connection stays open for
+        at most ``linger_time`` seconds and ``linger_bytes`` bytes, or until
+        the client closes its side.
+        """
+        self._lingering = True
+        self._receiving = False
+        self.setTimeout(None)
+        self.clearLineBuffer()  # what is read already is dropped too
+        site = self.site
+        if not site.linger_time:
+            self.loseConnection()
+            return
+        transport = self.transport
+        # Over TLS a TCP half-close would skip TLS's own close: there the
+        # client is only told by the close at the end.
+        if ITCPTransport.providedBy(transport) and not INegotiated.providedBy(transport):
+            # The channel is the transport's producer: while it is, the
+            # transport would not close its write side.
+            self._networkProducer.unregisterProducer()
+            transport.loseWriteConnection()
+        self._linger_call = self.callLater(site.linger_time, self._linger_over)
+
+    def _discard(self, data: bytes) -> None:
+        self._lingered += len(data)
+        if self._lingered > self.site.linger_bytes:
+            self._linger_over()
+
+    def _linger_over(self) -> None:
+        self._cancel_linger()
+        if not self.transport.disconnecting:
+            self.loseConnection()
+
+    def _cancel_linger(self) -> None:
+        if self._linger_call is not None:
+            if self._linger_call.active():
+                self._linger_call.cancel()
+            self._linger_call = None
 
     def connectionLost(self, reason: Any) -> None:
         self._cancel_stall()
+        self._cancel_linger()
         super().connectionLost(reason)
 
     def server_stopping(self) -> bytes | Deferred[bytes]:
@@ -788,7 +913,7 @@ class ResponderRequest(server.Request):
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if not self._refused:
-            super().requestReceived(command, path, version)
+            super().requestReceived(command, origin_form(path), version)
 
     def process(self) -> None:
         self.channel.site.service_stats.handled += 1
@@ -855,6 +980,8 @@ class ResponderSite(server.Site):
         *,
         max_body: int,
         idle_timeout: float,
+        linger_time: float = 5.0,
+        linger_bytes: int = 16 * 1024 * 1024,
         access_log: str = "",
         log_rate: tuple[float, float] = (0.0, 0.0),
         reactor: Any = None,
@@ -869,6 +996,8 @@ class ResponderSite(server.Site):
         self.service_stats = service_stats
         self.max_body = max_body
         self.idle_timeout = idle_timeout
+        self.linger_time = linger_time
+        self.linger_bytes = linger_bytes
         self.log_rate = log_rate
 
     def acceptableProtocols(self) -> list[bytes]:
@@ -911,6 +1040,8 @@ def build_site(
         service_stats,
         max_body=settings.max_body,
         idle_timeout=settings.idle_timeout,
+        linger_time=settings.linger_time,
+        linger_bytes=settings.linger_bytes,
         access_log=settings.access_log,
         log_rate=settings.log_rate,
         reactor=reactor,

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from html import escape
 from typing import Any
+from urllib.parse import quote
 
 from twisted.internet.interfaces import IPullProducer
 from twisted.web import resource
@@ -73,8 +75,31 @@ def is_hidden(name: bytes) -> bool:
     return name.startswith(b".")
 
 
+def with_charset(types: Mapping[str, str]) -> dict[str, str]:
+    """The content-type map with ``; charset=utf-8`` on every ``text/`` type.
+
+    Without it, clients guess: requests and browsers read a UTF-8 ``.txt``
+    as Latin-1 (``cafÃ©``). Always, not only for files that are valid UTF-8:
+    that would mean reading a whole file before its first byte is sent (and
+    for HEAD, Range and 304 answers), and UTF-8 is what text files are now;
+    as nginx's ``charset utf-8``.
+    """
+    return {
+        ext: f"{kind}; charset=utf-8" if kind.startswith("text/") else kind for ext, kind in types.items()
+    }
+
+
+CONTENT_TYPES = with_charset(static.File.contentTypes)
+
+
 class Listing(static.DirectoryLister):
-    """twisted.web's folder listing; a path below it is not found (in plain text)."""
+    """twisted.web's folder listing; a path below it is not found (in plain text).
+
+    A name that is not UTF-8 (it reaches Python with surrogate escapes) is
+    shown with U+FFFD for its bad bytes and linked with each byte %-encoded:
+    twisted.web's lister fails on it with a traceback, a 500 for the whole
+    folder on every request.
+    """
 
     def render(self, request: Any) -> bytes:
         # For HEAD too: twisted.web would log a warning for each HEAD that
@@ -85,6 +110,44 @@ class Listing(static.DirectoryLister):
 
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
         return NOT_FOUND
+
+    def _getFilesAndDirectories(self, directory: Iterable[str | bytes]) -> tuple[list[dict], list[dict]]:
+        """twisted.web's rows, built from each name's bytes (see the class docstring)."""
+        dirs: list[dict] = []
+        files: list[dict] = []
+        for name in directory:
+            raw = name if isinstance(name, bytes) else os.fsencode(name)
+            text = escape(raw.decode("utf-8", "replace"))
+            href = quote(raw, "/")
+            path = os.path.join(os.fsencode(self.path), raw)
+            if os.path.isdir(path):
+                dirs.append(
+                    {
+                        "text": text + "/",
+                        "href": href + "/",
+                        "size": "",
+                        "type": "[Directory]",
+                        "encoding": "",
+                    }
+                )
+                continue
+            try:
+                size = os.path.getsize(path)
+            except OSError:
+                continue  # gone since the folder was read
+            kind, encoding = static.getTypeAndEncoding(
+                os.fsdecode(raw), self.contentTypes, self.contentEncodings, self.defaultType
+            )
+            files.append(
+                {
+                    "text": text,
+                    "href": href,
+                    "size": static.formatFileSize(size),
+                    "type": f"[{escape(kind)}]",
+                    "encoding": f"[{encoding}]" if encoding else "",
+                }
+            )
+        return dirs, files
 
 
 # The most parts a multipart/byteranges answer has (Apache's MaxRanges after
@@ -182,6 +245,7 @@ class SafeFile(static.File):
 
     childNotFound = NOT_FOUND
     forbidden = PlainPage(403, "forbidden\n")
+    contentTypes = CONTENT_TYPES
     # Only real index pages: twisted.web's list adds "index" and "index.rpy".
     indexNames = ["index.html", "index.htm"]
     methods = (b"GET", b"HEAD")

@@ -15,11 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import _producer_helpers
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.task import Clock, Cooperator
 from twisted.internet.testing import StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from sockproto import __version__, http
 from sockproto.config import HttpSettings
@@ -29,6 +31,19 @@ from tests.support import Consumer, temp_dir
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 HOST = IPv4Address("TCP", "127.0.0.1", 8080)
+
+
+@implementer(ITCPTransport)
+class TCPStringTransport(StringTransport):
+    """A StringTransport that half-closes as a TCP connection does."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        pass  # HTTPChannel asks a TCP transport for it
 
 
 @dataclass
@@ -100,7 +115,7 @@ class Harness:
 
     def connect(self, peer: Any = PEER) -> Connection:
         protocol = self.factory.buildProtocol(peer)
-        transport = StringTransport(hostAddress=HOST, peerAddress=peer)
+        transport = TCPStringTransport(hostAddress=HOST, peerAddress=peer)
         protocol.makeConnection(transport)
         connection = Connection(protocol, transport, self.pump)
         self.connections.append(connection)
@@ -125,7 +140,7 @@ class Harness:
 class Connection:
     lost = False
 
-    def __init__(self, protocol: Any, transport: StringTransport, pump: Callable[[], None]) -> None:
+    def __init__(self, protocol: Any, transport: TCPStringTransport, pump: Callable[[], None]) -> None:
         self.protocol = protocol
         self.transport = transport
         self.pump = pump
@@ -150,7 +165,13 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        return bool(self.transport.disconnecting)
+        """The server is done with the connection: closing it, or its write side
+        (a refusal, which still reads for a while: see :class:`LingerTests`)."""
+        return bool(self.transport.disconnecting or self.transport.write_closed)
+
+    def end(self) -> None:
+        """The client closes its side (what the reactor tells a half-closeable protocol)."""
+        self.protocol.readConnectionLost()
 
     def lose(self) -> None:
         if not self.lost:
@@ -391,6 +412,15 @@ class RouteTests(SynchronousTestCase):
         self.assertEqual(response.status, 418)
         self.assertEqual(response.body, b"418 I'm a teapot\n")
         self.assertEqual(self.http.get("/status/599").status, 599)
+
+    def test_redirect_status_names_a_location(self) -> None:
+        # Regression: /status/3xx had no Location; httpbin sends /redirect/1
+        # for these five, so a client's redirect handling has one to follow.
+        for code in (301, 302, 303, 305, 307):
+            response = self.http.get(f"/status/{code}")
+            self.assertEqual((response.status, response.header(b"location")), (code, b"/redirect/1"), code)
+        for code in (300, 304, 308, 200):
+            self.assertIsNone(self.http.get(f"/status/{code}").header(b"location"), code)
 
     def test_status_204_has_no_body_or_length(self) -> None:
         connection = self.http.connect()
@@ -709,13 +739,67 @@ class MalformedRequestTests(SynchronousTestCase):
 
     def test_target_not_a_path(self) -> None:
         with capturedLogs() as events:
-            (response,) = self.connection.request("http://example.com/ip")
+            (response,) = self.connection.request("ftp://example.com/ip")
         self.assertEqual(response.status, 400)
         self.assertIn(b"starting with /", response.body)
         self.assertEqual(
             messages(events),
-            ["http: 400 to 127.0.0.1:40000: request target http://example.com/ip is not a path"],
+            ["http: 400 to 127.0.0.1:40000: request target ftp://example.com/ip is not a path"],
         )
+
+    def test_absolute_form_routed_by_its_path(self) -> None:
+        # Regression: RFC 9112 sec. 3.2.2 says a server must accept it; it got 400.
+        self.assertEqual(
+            json.loads(self.connection.request("http://localhost:8080/ip")[0].body)["origin"], "127.0.0.1"
+        )
+        (response,) = self.connection.request("HTTP://example.com/anything/x?q=1", "POST", body=b"hi")
+        echoed = json.loads(response.body)
+        self.assertEqual(
+            (echoed["path"], echoed["query"], echoed["body"]), ("/anything/x", {"q": ["1"]}, "hi")
+        )
+        (response,) = self.connection.request("https://example.com")
+        self.assertEqual((response.status, response.body), (200, http.greeting("")))
+        self.assertEqual(self.connection.request("http://h?x=1")[0].status, 200)
+        self.assertFalse(self.connection.closed)
+        self.assertEqual(http.origin_form(b"http://h/files/a?b"), b"/files/a?b")
+        for kept in (b"/ip", b"*", b"http:/ip", b"http://h\xff/ip", b"ftp://h/ip"):
+            self.assertEqual(http.origin_form(kept), kept)
+
+    def test_folded_header_refused(self) -> None:
+        # Regression: twisted.web joined a line starting with SP/HT to the
+        # header before it (obs-fold); a proxy that reads it as a header of
+        # its own would see another request: the smuggling shape nginx refuses.
+        for fold in (b" b", b"\tb", b" Transfer-Encoding: chunked"):
+            self.connection = self.http.connect()
+            response, logged = self.refused(
+                b"POST /anything HTTP/1.1\r\nHost: x\r\nX-A: a\r\n" + fold + b"\r\nContent-Length: 0\r\n\r\n"
+            )
+            self.assertEqual(response.status, 400, fold)
+            self.assertIn(b"obs-fold", response.body)
+            self.assertEqual(
+                logged, ["http: closing 127.0.0.1:40000: header line starts with a space or tab (obs-fold)"]
+            )
+        self.connection = self.http.connect()
+        response, logged = self.refused(b" GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # not a header: malformed
+        self.assertEqual(logged, ["http: closing 127.0.0.1:40000: malformed request"])
+        self.assertEqual(self.http.service_stats.counters["bad_requests"], 4)
+        self.assertEqual(self.http.service_stats.handled, 0)
+
+    def test_http11_needs_one_host(self) -> None:
+        # Regression: an HTTP/1.1 request without Host got 200 (RFC 9112 sec. 3.2: 400).
+        response, logged = self.refused(b"GET /ip HTTP/1.1\r\n\r\n")
+        self.assertEqual(response.status, 400)
+        self.assertIn(b"Host header", response.body)
+        self.assertEqual(logged, ["http: closing 127.0.0.1:40000: no Host header"])
+        self.connection = self.http.connect()
+        response, logged = self.refused(b"GET /ip HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        self.assertEqual(response.status, 400)
+        self.assertEqual(logged, ["http: closing 127.0.0.1:40000: more than one Host header"])
+        self.assertEqual(self.http.service_stats.handled, 0)
+        # HTTP/1.0 has no Host to require
+        connection = self.http.connect()
+        connection.send(b"GET /ip HTTP/1.0\r\n\r\n")
+        self.assertEqual(parse_responses(connection.received())[0].status, 200)
 
     def test_ambiguous_framing_refused(self) -> None:
         """Request smuggling's shapes: 400 and close, and what follows is never a request."""
@@ -762,6 +846,66 @@ class MalformedRequestTests(SynchronousTestCase):
             (line,) = messages(events)
             self.assertRegex(line, r"^http: 400 to 127\.0\.0\.1:40000: request target /\S*\\x[78ab]")
             self.assertTrue(line.endswith(" is not printable ASCII"), line)
+
+
+class LingerTests(SynchronousTestCase):
+    """After a refusal the server closes its write side and reads on for a bounded
+    time and byte count: closing at once with unread data makes the kernel reset
+    the connection, and a client still uploading loses the answer."""
+
+    def setUp(self) -> None:
+        self.http = Harness(self, max_body=100, linger_time=5.0, linger_bytes=1000)
+        self.connection = self.http.connect()
+
+    def refuse(self) -> None:
+        with capturedLogs():
+            self.connection.send(b"POST /anything HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            self.connection.send(b"80\r\n" + b"a" * 128 + b"\r\n" + b"80\r\n" + b"a" * 50)
+        (response,) = parse_responses(self.connection.received())
+        self.assertEqual(response.status, 413)
+
+    def open(self) -> bool:
+        return not self.connection.transport.disconnecting
+
+    def test_reads_and_drops_until_the_time_bound(self) -> None:
+        self.refuse()
+        self.assertTrue(self.connection.transport.write_closed)  # the answer, then FIN
+        for _ in range(4):
+            self.connection.send(b"a" * 150 + b"\r\n0\r\n\r\nGET /ip HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.http.clock.advance(1.0)
+        self.assertEqual(self.connection.received(), b"")  # nothing more is answered
+        self.assertTrue(self.open())
+        self.http.clock.advance(1.0)
+        self.assertFalse(self.open())
+        self.assertEqual(self.http.service_stats.handled, 0)
+
+    def test_closes_past_the_byte_bound(self) -> None:
+        self.refuse()
+        self.connection.send(b"x" * 1000)
+        self.assertTrue(self.open())
+        self.connection.send(b"x")
+        self.assertFalse(self.open())
+
+    def test_closes_when_the_client_does(self) -> None:
+        self.refuse()
+        self.connection.end()
+        self.assertFalse(self.open())
+        self.connection.lose()
+        self.assertEqual(self.http.clock.getDelayedCalls(), [])  # no timer outlives it
+
+    def test_every_refusal_lingers(self) -> None:
+        with capturedLogs():
+            self.connection.send(b"GARBAGE\r\n\r\nmore")
+        self.assertTrue(self.connection.transport.write_closed)
+        self.assertTrue(self.open())
+        self.http.clock.advance(5.0)
+        self.assertFalse(self.open())
+
+    def test_zero_closes_at_once(self) -> None:
+        self.http = Harness(self, max_body=100, linger_time=0.0)
+        self.connection = self.http.connect()
+        self.refuse()
+        self.assertFalse(self.open())
 
 
 class TimeoutTests(SynchronousTestCase):

@@ -11,7 +11,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import ALL_OFF, Suite, recv_all, recv_until, run_twistd, temp_dir, wait_for
+from tests.support import ALL_OFF, DEADLINE, Suite, recv_all, recv_until, run_twistd, temp_dir, wait_for
 from tests.test_http_files import ESCAPES, make_tree
 
 CURL = "/usr/bin/curl"
@@ -188,6 +188,31 @@ class HttpEndToEndTests(SynchronousTestCase):
     def client_address(self) -> tuple[str, int]:
         return self.client.host, self.client.port
 
+    def test_parsing_and_small_correctness_with_curl(self) -> None:
+        """Regressions: absolute-form was 400, HTTP/1.1 without Host 200, a
+        folded header accepted, text/plain without charset, /status/302
+        without Location."""
+        origin = f"http://{self.client.host}:{self.client.port}"
+
+        def curl(*options: str) -> bytes:
+            command = [CURL, "-sS", "--max-time", "20", *options]
+            return subprocess.run(command, capture_output=True, check=True, timeout=30).stdout
+
+        # a client talking to a proxy sends the absolute form
+        proxied = curl("-x", origin, "-w", "\n%{http_code}", "http://example.test/ip")
+        self.assertEqual(proxied, b'{\n  "origin": "127.0.0.1"\n}\n\n200')
+        self.assertEqual(self.client.curl("/ip", "-H", "Host:")[0], 400)
+        redirect = curl("-o", "/dev/null", "-w", "%{http_code} %{redirect_url}", f"{origin}/status/302")
+        self.assertEqual(redirect, f"302 {origin}/redirect/1".encode())
+        kind = curl("-o", "/dev/null", "-w", "%{content_type}", f"{origin}/files/caf%C3%A9.txt")
+        self.assertEqual(kind, b"text/plain; charset=utf-8")
+        with self.suite.connect("http") as sock:
+            sock.sendall(b"GET /headers HTTP/1.1\r\nHost: x\r\nX-A: a\r\n Transfer-Encoding: chunked\r\n\r\n")
+            answer = recv_all(sock)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.suite.wait_log("header line starts with a space or tab (obs-fold)")
+        self.assertFalse(self.suite.saw("Traceback"))
+
     def test_malformed_request_line(self) -> None:
         with self.suite.connect("http") as sock:
             sock.sendall(b"GARBAGE\r\n\r\n")
@@ -264,6 +289,71 @@ class HttpTimeoutEndToEndTests(SynchronousTestCase):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.sendall(b"GET /bytes/10485760 HTTP/1.1\r\nHost: x\r\n\r\n")
             self.suite.wait_log("read nothing for 1 s", timeout=10)
+
+
+class HttpLingerEndToEndTests(SynchronousTestCase):
+    """A refused client that is still sending gets the answer, then is closed at a bound."""
+
+    def start(self, *options: str) -> Suite:
+        suite = Suite([*ALL_OFF, "--http-port", "0", "--http-max-body", "1000", *options]).start()
+        self.addCleanup(suite.stop)
+        return suite
+
+    def test_curl_chunked_upload_over_the_cap_gets_413(self) -> None:
+        # Regression: the server closed with the upload unread, the kernel
+        # sent a reset, and curl reported "Connection reset by peer", not 413.
+        host, port = self.start().address("http")
+        upload = subprocess.run(
+            [
+                CURL,
+                "-sS",
+                "--max-time",
+                "20",
+                "-T",
+                "-",
+                "-H",
+                "Transfer-Encoding: chunked",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                f"http://{host}:{port}/anything",
+            ],
+            input=os.urandom(4 * 1024 * 1024),
+            capture_output=True,
+            timeout=30,
+        )
+        self.assertEqual((upload.returncode, upload.stdout, upload.stderr), (0, b"413", b""))
+
+    def test_a_client_that_keeps_sending_is_closed_at_the_bounds(self) -> None:
+        suite = self.start("--http-linger-time", "2", "--http-linger-bytes", "200000")
+
+        def refused() -> socket.socket:
+            sock = suite.connect("http")
+            self.addCleanup(sock.close)
+            sock.sendall(b"GARBAGE\r\n\r\n")
+            # the answer, then the end of what the server sends (a half-close)
+            self.assertTrue(recv_all(sock).startswith(b"HTTP/1.1 400 "))
+            return sock
+
+        def seconds_until_closed(sock: socket.socket, chunk: bytes, pace: float) -> float:
+            """Send ``chunk`` every ``pace`` seconds until the server's close makes a send fail."""
+            started = time.monotonic()
+            deadline = started + DEADLINE
+            while time.monotonic() < deadline:
+                try:
+                    sock.sendall(chunk)
+                except OSError:  # reset, or a broken pipe: the server closed
+                    return time.monotonic() - started
+                time.sleep(pace)
+            raise AssertionError("the server never closed")
+
+        slow, fast = refused(), refused()
+        # a trickle is read and dropped until the time bound...
+        self.assertGreaterEqual(seconds_until_closed(slow, b"x" * 100, 0.02), 1.9)
+        # ...a flood only until the byte bound
+        self.assertLess(seconds_until_closed(fast, b"x" * 65536, 0), 1.9)
+        self.assertFalse(suite.saw("Traceback"))
 
 
 class HttpOptionsEndToEndTests(SynchronousTestCase):

@@ -232,7 +232,7 @@ class RenderTests(SynchronousTestCase):
         head = self.http.get("/files/a.txt", method="HEAD")
         self.assertEqual(head.status, 200)
         self.assertEqual(head.header(b"content-length"), b"6")
-        self.assertEqual(head.header(b"content-type"), b"text/plain")
+        self.assertEqual(head.header(b"content-type"), b"text/plain; charset=utf-8")
         self.assertEqual(head.header(b"accept-ranges"), b"bytes")
         modified = head.header(b"last-modified")
         self.assertIsNotNone(modified)
@@ -257,6 +257,46 @@ class RenderTests(SynchronousTestCase):
         self.assertIn(b'href="a.txt"', response.body)
         for hidden in (b".hidden", b".git", b"link_out", b"dir_out", b"fifo", b"secret"):
             self.assertNotIn(hidden, response.body)
+
+    def test_text_files_say_they_are_utf8(self) -> None:
+        # Regression: a UTF-8 .txt came as bare text/plain, and requests and
+        # browsers read it as Latin-1 (cafÃ©).
+        root = os.path.join(self.top, "root")
+        expected = {
+            "notes.txt": b"text/plain; charset=utf-8",
+            "page.html": b"text/html; charset=utf-8",
+            "style.css": b"text/css; charset=utf-8",
+            "app.js": b"text/javascript; charset=utf-8",
+            "table.csv": b"text/csv; charset=utf-8",
+            "read.md": b"text/markdown; charset=utf-8",
+            "data.json": b"application/json",
+            "image.png": b"image/png",
+        }
+        for name in expected:
+            with open(os.path.join(root, name), "w", encoding="utf-8") as file:
+                file.write("caf\u00e9\n")
+        for name, kind in expected.items():
+            response = self.http.get(f"/files/{name}")
+            self.assertEqual((response.status, response.header(b"content-type")), (200, kind), name)
+            self.assertEqual(response.body, "caf\u00e9\n".encode())
+
+    def test_listing_with_a_name_that_is_not_utf8(self) -> None:
+        # Regression: twisted.web's lister failed on it: a 500 and a critical
+        # traceback on every request for the folder.
+        root = os.path.join(self.top, "root")
+        with open(os.path.join(os.fsencode(root), b"caf\xe9 <b>.txt"), "wb") as file:
+            file.write(b"latin-1\n")
+        os.mkdir(os.path.join(os.fsencode(root), b"dir\xff"))
+        self.http = Harness(self, root=root, listing=True)
+        with capturedLogs() as events:
+            response = self.http.get("/files/")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(events, [])
+        self.assertIn(b'href="caf%E9%20%3Cb%3E.txt"', response.body)
+        self.assertIn("caf\ufffd &lt;b&gt;.txt".encode(), response.body)
+        self.assertIn(b'href="dir%FF/"', response.body)
+        self.assertIn(b'href="a.txt"', response.body)
+        self.assertIn("caf\u00e9.txt".encode(), response.body)  # UTF-8 names as they are
 
 
 class MultipartProducerTests(SynchronousTestCase):

@@ -192,7 +192,7 @@ class HttpLogTests(SynchronousTestCase):
             b"GARBAGE\r\n\r\n",  # malformed
             b"GET /" + b"a" * 20000,  # request line too long
             b"POST /anything HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n",  # body over the cap
-            b"GET http://x/ HTTP/1.1\r\nHost: x\r\n\r\n",  # target not a path
+            b"GET ftp://x/ HTTP/1.1\r\nHost: x\r\n\r\n",  # target not a path
             b"GET /ip\x80 HTTP/1.1\r\nHost: x\r\n\r\n",  # target not ASCII
         ]
         with capturedLogs() as events:

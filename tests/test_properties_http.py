@@ -321,7 +321,7 @@ class HttpPropertyTests(SynchronousTestCase):
         """The harness itself: a plain pipeline gives what parse_stream expects."""
         harness = self.harness(1000, False)
         run = Run(harness)
-        run.deliver([b"GET /status/201 HTTP/1.1\r\nHost: x\r\n\r\nHEAD / HTTP/1.1\r\n\r\n" * 2])
+        run.deliver([b"GET /status/201 HTTP/1.1\r\nHost: x\r\n\r\nHEAD / HTTP/1.1\r\nHost: x\r\n\r\n" * 2])
         answered = parse_stream(run.connection.received(), run.channel.processed, False)
         self.assertEqual([code for code, _, _ in answered], [201, 200, 201, 200])
         self.assertEqual(run.channel.processed, [b"GET", b"HEAD"] * 2)
