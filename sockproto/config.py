@@ -60,6 +60,13 @@ class SuiteSettings:
         "Connections refused over a --max-clients cap logged one line each per second, RATE[/BURST]; "
         "the rest are summed up (0: all).",
     )
+    log_rate: tuple[float, float] = option(
+        (50.0, 100.0),
+        checks.rate,
+        "Lines a second that clients can cause in the twistd log, ours and Twisted's (refusals, "
+        "timeouts, bad requests, access lines, datagrams), all services together, RATE[/BURST]; "
+        "the rest are counted and summed up every 10 s (0: all).",
+    )
 
 
 @dataclass(frozen=True)
