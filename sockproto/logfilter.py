@@ -72,10 +72,18 @@ def open_file_limit() -> int:
 class ClientLogFilter:
     """A log predicate: client-caused lines within the budget, the rest counted.
 
-    ``rate`` is ``(lines a second, burst)`` (``--log-rate``; 0: every line).
+    ``rate`` is ``(lines a second, burst)`` (``--log-rate``; 0: every line);
+    its own lines (the summaries) go to ``logger`` (the global log).
     """
 
-    def __init__(self, rate: tuple[float, float], clock: Any, interval: float = LOG_SUMMARY_INTERVAL) -> None:
+    def __init__(
+        self,
+        rate: tuple[float, float],
+        clock: Any,
+        interval: float = LOG_SUMMARY_INTERVAL,
+        logger: Logger | None = None,
+    ) -> None:
+        self.log = log if logger is None else logger
         self.rate = rate
         self.budget = LogBudget(rate_limit(rate, clock.seconds), clock, self._sum_up, interval)
         # Accept errors: the first of each kind an interval, the rest counted.
@@ -94,7 +102,7 @@ class ClientLogFilter:
         if fmt == _EMFILE_CLOSED:
             # One connection accepted and closed at once: no descriptor for it.
             if self.accepts.first_of("EMFILE"):
-                log.warn(
+                self.log.warn(
                     "cannot accept connections: out of file descriptors (EMFILE, open-file limit "
                     "{limit}); new ones are closed at once until some close; further ones are summed "
                     "up every {interval:g} s",
@@ -109,7 +117,7 @@ class ClientLogFilter:
 
     def _sum_up(self, counts: dict[str, int], seconds: float) -> None:
         kinds = ", ".join(f"{count} x {kind}" for kind, count in sorted(counts.items(), key=lambda i: -i[1]))
-        log.info(
+        self.log.info(
             "log: {total} more lines caused by clients in the last {seconds:.3g} s, not logged one by one"
             " (--log-rate {rate}): {kinds}",
             total=sum(counts.values()),
@@ -129,7 +137,7 @@ class ClientLogFilter:
                 parts.append(f"{count} x could not reserve the EMFILE recovery descriptor")
             else:
                 parts.append(f"{count} x could not accept a connection ({kind})")
-        log.warn(
+        self.log.warn(
             "accept errors in the last {seconds:.3g} s, not logged one by one: {parts}",
             seconds=seconds,
             parts="; ".join(parts),
