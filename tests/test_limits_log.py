@@ -171,3 +171,17 @@ class LogFloodEndToEndTests(SynchronousTestCase):
         flood = [line for line in lines if "Range header" in line or "http: " in line]
         self.assertLess(len(flood), 20 + 10 * 30 + 10, flood[-5:])
         self.assertLess(len(flood), requests // 4)
+
+    def test_a_workers_lines_pass_the_budget_too(self) -> None:
+        """With --workers, whichever process serves the connection: a worker
+        relays ready-made text, so it filters before relaying."""
+        suite = Suite([*ALL_OFF, "--http-port", "0", "--workers", "2", "--log-rate", "10/20"]).start()
+        self.addCleanup(suite.stop)
+        requests = 1000
+        with suite.connect("http") as sock:
+            sock.sendall(b"GET x HTTP/1.1\r\nHost: x\r\n\r\n" * requests)
+            answered = recv_until(sock, lambda d: d.count(b"HTTP/1.1 400 ") >= requests)
+        self.assertEqual(answered.count(b"HTTP/1.1 400 "), requests)
+        suite.wait_log("more lines caused by clients", timeout=LOG_SUMMARY_INTERVAL + 10)
+        bad = [line for line in suite.lines if "http: 400 to" in line]
+        self.assertLess(len(bad), 20 + 10 * 30, bad[-3:])
