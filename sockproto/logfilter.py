@@ -49,6 +49,12 @@ TWISTED_KINDS = (
     "Tried to fake a HEAD request",
     "Warning: HEAD request",
 )
+# And lines a connection's transport logs, which start with the protocol's
+# name: what they contain -> their kind.
+TWISTED_CONNECTION_KINDS = {
+    "does not provide IFileDescriptorReceiver": "descriptors sent over a UNIX socket (closed)",
+    "received unsupported ancillary data": "unsupported ancillary data on a UNIX socket",
+}
 
 # Twisted's accept loop (tcp.Port.doRead, tcp._accept) logs these, per
 # connection it cannot accept; log_format -> kind (None: dropped, uncounted).
@@ -175,6 +181,10 @@ def client_kind(event: dict[str, Any]) -> str | None:
     if isinstance(source, (Request, Protocol)) or (
         isinstance(system, str) and _CONNECTION_SYSTEM.search(system)
     ):
+        if isinstance(text, str):
+            for marker, kind in TWISTED_CONNECTION_KINDS.items():
+                if marker in text:
+                    return kind
         failed = "log_failure" in event or event.get("isError")
         return "errors (tracebacks)" if failed else "other Twisted lines"
     return None

@@ -8,7 +8,9 @@ from one kept-alive HTTP connection and counts its lines.
 
 from __future__ import annotations
 
+import array
 import os
+import socket
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -185,3 +187,24 @@ class LogFloodEndToEndTests(SynchronousTestCase):
         suite.wait_log("more lines caused by clients", timeout=LOG_SUMMARY_INTERVAL + 10)
         bad = [line for line in suite.lines if "http: 400 to" in line]
         self.assertLess(len(bad), 20 + 10 * 30, bad[-3:])
+
+    def test_descriptors_sent_over_a_unix_socket(self) -> None:
+        """Twisted logs a line for each message carrying descriptors (SCM_RIGHTS)
+        to a protocol that takes none: within the budget too."""
+        path = os.path.join(temp_dir(self), "strip.sock")
+        suite = Suite([*ALL_OFF, "--port", f"unix:{path}", "--log-rate", "10/20"]).start()
+        self.addCleanup(suite.stop)
+        messages = 500
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            descriptor = array.array("i", [sock.fileno()])
+            for _ in range(messages):
+                sock.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, descriptor)])
+            sock.sendall(b"\n")
+            self.assertEqual(recv_until(sock, lambda d: d.endswith(b"\0")), b"x" * messages + b"\0")
+        suite.wait_log("more lines caused by clients", timeout=LOG_SUMMARY_INTERVAL + 10)
+        told = [line for line in suite.lines if "IFileDescriptorReceiver" in line]
+        self.assertLessEqual(len(told), 20 + 10 * 30)
+        summary = next(line for line in suite.lines if "more lines caused by clients" in line)
+        self.assertIn("x descriptors sent over a UNIX socket (closed)", summary)
