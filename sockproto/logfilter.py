@@ -67,6 +67,9 @@ _CANNOT_RESERVE = (
     "Could not re-reserve EMFILE recovery file descriptor.",
 )
 
+# The fields of our lines that say a client caused them.
+_CLIENT_FIELDS = frozenset(("peer", "nick", "user", "access"))
+
 _FIELD = re.compile(r"\{(\w*)[^{}]*\}")
 
 
@@ -161,14 +164,15 @@ _ACCEPT_FORMATS = frozenset((_EMFILE_START, _EMFILE_CLOSED, _EMFILE_DONE, _CANNO
 def client_kind(event: dict[str, Any]) -> str | None:
     """The kind of a line a client caused (its summary label), or None.
 
-    Ours name the peer (``peer``) or are access lines (``access``); Twisted's
+    Ours name who caused them (a ``peer``, ``nick`` or ``user`` field) or
+    are access lines (``access``); Twisted's
     are those of :data:`TWISTED_KINDS`, and any other that comes from a
     request or a connection's protocol (``log_source``) or was logged while
     the reactor handled a connection (``log_system``).
     """
     namespace = event.get("log_namespace", "")
     if namespace == "sockproto":
-        if "peer" in event or "access" in event:
+        if not _CLIENT_FIELDS.isdisjoint(event):
             return _label(event)
         return None
     text = event.get("log_text") or event.get("log_format") or ""

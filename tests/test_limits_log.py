@@ -62,6 +62,18 @@ class ClientLogFilterTests(SynchronousTestCase):
         self.assertIn("1 x strip: closing <peer>: idle for <seconds> s", summary)
         self.assertIn("--log-rate 1/3", summary)
 
+    def test_lines_naming_a_nick_or_user_are_a_clients_too(self) -> None:
+        harness = Harness(self)
+        for _ in range(5):
+            harness.log.info("chat: {old} is now {nick}", old="a", nick="b")
+            harness.log.info("pop3: removed {count} file(s) from {user}/tmp", count=1, user="u")
+        self.assertEqual(len(harness.lines), 3)
+        harness.clock.advance(LOG_SUMMARY_INTERVAL)
+        summary = harness.lines[-1]  # the most frequent first
+        self.assertIn(
+            "4 x pop3: removed <count> file(s) from <user>/tmp, 3 x chat: <old> is now <nick>", summary
+        )
+
     def test_the_servers_own_lines_are_never_held_back(self) -> None:
         harness = Harness(self)
         for _ in range(10):
