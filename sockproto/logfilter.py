@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import resource
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -94,11 +95,16 @@ class ClientLogFilter:
     ) -> None:
         self.log = log if logger is None else logger
         self.rate = rate
+        # The budget's timers are the reactor's: lines logged in another
+        # thread (none are a client's) pass untouched.
+        self._thread = threading.get_ident()
         self.budget = LogBudget(rate_limit(rate, clock.seconds), clock, self._sum_up, interval)
         # Accept errors: the first of each kind an interval, the rest counted.
         self.accepts = LogBudget(None, clock, self._sum_up_accepts, interval)
 
     def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        if threading.get_ident() != self._thread:
+            return PredicateResult.maybe
         fmt = event.get("log_format")
         if fmt in _ACCEPT_FORMATS:
             return self._accept_error(fmt, event)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import threading
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -82,6 +83,19 @@ class ClientLogFilterTests(SynchronousTestCase):
         self.assertEqual(len(harness.lines), 20)
         harness.clock.advance(LOG_SUMMARY_INTERVAL)
         self.assertEqual(len(harness.lines), 20)
+
+    def test_lines_from_another_thread_pass_untouched(self) -> None:
+        """The budget's timers are the reactor's, not to be set from a thread."""
+        harness = Harness(self)
+
+        def flood() -> None:
+            for _ in range(10):
+                harness.log.info("chat: {peer} joined as {nick}", peer="p", nick="n")
+
+        thread = threading.Thread(target=flood)
+        thread.start()
+        thread.join()
+        self.assertEqual((len(harness.lines), harness.clock.getDelayedCalls()), (10, []))
 
     def test_rate_zero_logs_every_line(self) -> None:
         harness = Harness(self, (0.0, 0.0))
