@@ -6,8 +6,8 @@ request (twisted.web's "Ignoring malformed Range header", our ``http: 400 to
 bound, gigabytes. :class:`ClientLogFilter` is a predicate in front of every
 observer the log has when the suite starts (twistd's file, a ``--logger``, the
 .tac's): the lines it recognises as caused by a client pass one shared
-:class:`~sockproto.limits.LogBudget` (``--log-rate``); the others are counted
-by kind and summed up in one line an interval. Accept errors (Twisted's
+:class:`~sockproto.limits.LogBudget` (``--log-rate``); those over it are
+counted by kind and summed up in one line an interval. Accept errors (Twisted's
 ``EMFILE`` recovery and "Could not accept new connection") get one line per
 kind and interval, whatever the budget.
 """
@@ -57,8 +57,9 @@ TWISTED_CONNECTION_KINDS = {
     "received unsupported ancillary data": "unsupported ancillary data on a UNIX socket",
 }
 
-# Twisted's accept loop (tcp.Port.doRead, tcp._accept) logs these, per
-# connection it cannot accept; log_format -> kind (None: dropped, uncounted).
+# What Twisted's accept loop (tcp.Port.doRead, tcp._accept) logs, by format:
+# three lines for each connection it accepts and closes for want of a
+# descriptor, one a reactor turn for the other errors.
 _EMFILE_START = "EMFILE encountered; releasing reserved file descriptor."
 _EMFILE_CLOSED = "EMFILE recovery: Closed socket from {address}"
 _EMFILE_DONE = "Re-reserving EMFILE recovery file descriptor."
