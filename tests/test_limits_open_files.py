@@ -139,6 +139,11 @@ class OutOfDescriptorsEndToEndTests(SynchronousTestCase):
         wait_for(lambda: self.http_answers(suite), what="HTTP served again once descriptors free")
         self.assertEqual(suite.stop(), 0)
         accept_lines = [line for line in suite.lines if "EMFILE" in line or "Could not accept" in line]
-        # The warning and the summary at the stop; Twisted's three lines per refusal are gone.
-        self.assertEqual(len(accept_lines), 2, accept_lines)
+        # Ours: the warning, then the count (at the stop, or 10 s on); not
+        # Twisted's three lines for each of the 200 it closed unserved.
+        self.assertIn("cannot accept connections", accept_lines[0])
         self.assertIn("connections closed unserved (EMFILE, open-file limit 100)", accept_lines[1])
+        self.assertLessEqual(len(accept_lines), 4, accept_lines)  # a later interval may tell again
+        self.assertFalse(
+            [line for line in accept_lines if "EMFILE recovery" in line or "Re-reserving" in line]
+        )
