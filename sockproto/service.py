@@ -215,8 +215,8 @@ def check_open_files(settings: Settings, limits: Any = resource) -> None:
     need, reserve, parts, unbounded = open_files_needed(settings)
     soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
     infinite = limits.RLIM_INFINITY
-    ceiling = hard if hard != infinite else max(need, soft)
-    want = min(ceiling, max(need, soft) if not unbounded else ceiling)
+    ceiling = hard if hard != infinite else max(need, soft)  # Linux has no unlimited NOFILE
+    want = ceiling if unbounded else min(ceiling, need)
     if soft != infinite and want > soft:
         try:
             limits.setrlimit(limits.RLIMIT_NOFILE, (want, hard))
