@@ -70,6 +70,13 @@ class SuiteSettings:
         "Output held for clients that have not read it, all services of a process together; over it "
         "the clients holding the most are dropped first (0: no cap).",
     )
+    log_rate: tuple[float, float] = option(
+        (50.0, 100.0),
+        checks.rate,
+        "Lines a second that clients can cause in the twistd log, ours and Twisted's (refusals, "
+        "timeouts, bad requests, access lines, datagrams), all services together, RATE[/BURST]; "
+        "the rest are counted and summed up every 10 s (0: all).",
+    )
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ from twisted.python.logfile import BaseLogFile
 from sockproto import __version__, chat, http, pop3, strip, udp, workers
 from sockproto.config import SERVICES, Settings
 from sockproto.listening import Listener, StartupError
+from sockproto.logfilter import ClientLogFilter, install
 from sockproto.stats import Stats
 
 log = Logger(namespace="sockproto")
@@ -38,10 +40,13 @@ class Suite(MultiService):
         self.stats = stats
         self.config_path = config_path
         self.pool: workers.WorkerPool | None = None
+        self.log_filter: ClientLogFilter | None = None
+        self._uninstall_log_filter: Callable[[], None] | None = None
 
     def privilegedStartService(self) -> None:
         source = self.config_path or "defaults"
         log.info("sockproto {version} starting (settings: {source})", version=__version__, source=str(source))
+        self._before_listening()
         started: list[Listener] = []
         try:
             for child in self:
@@ -53,6 +58,7 @@ class Suite(MultiService):
         Service.privilegedStartService(self)
 
     def startService(self) -> None:
+        self._before_listening()  # not started by twistd's privileged pass
         # Services check what they will use here, as the user twistd runs them
         # as (--uid); one that cannot work stops them all before any is ready.
         try:
@@ -63,11 +69,29 @@ class Suite(MultiService):
         # Ready means the reactor runs (and handles SIGTERM), not just listening.
         self.reactor.callWhenRunning(self._ready)
 
+    def _before_listening(self) -> None:
+        """Once, before the first port opens: every line a client can cause
+        passes one budget (``--log-rate``, see logfilter) from the first
+        connection to the end, and the open-file limit fits the caps."""
+        if self._uninstall_log_filter is None:
+            self.log_filter = ClientLogFilter(self.settings.suite.log_rate, self.reactor)
+            self._uninstall_log_filter = install(self.log_filter)
+            check_open_files(self.settings)
+
+    def _unfilter_the_log(self, result: Any = None) -> Any:
+        """Sum up what the budget held back and take the filter out."""
+        uninstall, self._uninstall_log_filter = self._uninstall_log_filter, None
+        if uninstall is not None and self.log_filter is not None:
+            self.log_filter.flush()
+            uninstall()
+        return result
+
     def _abandon_start(self, started: list[Any], error: StartupError) -> None:
         """Stops what did start, says why the suite cannot, in one line."""
         for child in started:
             child.stopService()
         log.critical("{error}", error=str(error))
+        self._unfilter_the_log()
         _report_cleanly(StartupError)
 
     def _ready(self) -> None:
@@ -82,9 +106,11 @@ class Suite(MultiService):
         """With workers, they stop first: what they send last (counts, log and
         access log lines) still finds the main process's services and files open."""
         if self.pool is None or not self.pool.running:
-            return super().stopService()
-        stopped = maybeDeferred(self.pool.stopService)
-        stopped.addBoth(lambda _: MultiService.stopService(self))
+            stopped = maybeDeferred(super().stopService)
+        else:
+            stopped = maybeDeferred(self.pool.stopService)
+            stopped.addBoth(lambda _: MultiService.stopService(self))
+        stopped.addBoth(self._unfilter_the_log)
         return stopped
 
     def _stop_cleanly_on_sigterm(self) -> None:
@@ -216,6 +242,94 @@ BUILDERS: dict[str, Callable[[Settings, Stats, Any], Listener | None]] = {
     "http": http.build,
     "pop3": pop3.build,
 }
+
+
+# Descriptors beyond the connection caps: listening sockets, the log and
+# access log, the reactor's own, a POP3 message or a TLS file being read.
+OPEN_FILE_RESERVE = 64
+# Each worker costs the main process its pipes and process descriptors.
+OPEN_FILES_PER_WORKER = 4
+CAPPED = ("strip", "chat", "http", "pop3")  # the stream services: a descriptor per client
+
+
+def open_files_needed(settings: Settings) -> tuple[int, int, list[str], list[str]]:
+    """Descriptors the main process may hold with every cap reached: the sum,
+    the reserve in it, its other parts (``chat 1000``), and the enabled
+    services without a cap.
+
+    The limit is per process, and the main one serves every service (a worker
+    only strip and HTTP, each under its own copy of their caps), so this is
+    the most any one process needs. An HTTP download holds the file open too.
+    """
+    reserve = OPEN_FILE_RESERVE + OPEN_FILES_PER_WORKER * (settings.suite.workers - 1)
+    total = reserve
+    parts: list[str] = []
+    unbounded: list[str] = []
+    for name in CAPPED:
+        section = getattr(settings, name)
+        if section.port == "off":
+            continue
+        if not section.max_clients:
+            unbounded.append(name)
+            continue
+        each = 2 if name == "http" and settings.http.root else 1
+        total += section.max_clients * each
+        parts.append(f"{name} {section.max_clients}" + (" x 2 (files)" if each == 2 else ""))
+    return total, reserve, parts, unbounded
+
+
+def _cap_option(name: str) -> str:
+    return "--max-clients" if name == "strip" else f"--{name}-max-clients"
+
+
+def check_open_files(settings: Settings, limits: Any = resource) -> None:
+    """Raise the soft open-file limit toward the hard one as far as the caps
+    need (all the way for a service without a cap); if it still falls short,
+    say so once, with both numbers, as nginx does: otherwise one service's
+    clients can take every descriptor and the others stop accepting, silently."""
+    need, reserve, parts, unbounded = open_files_needed(settings)
+    soft, hard = limits.getrlimit(limits.RLIMIT_NOFILE)
+    infinite = limits.RLIM_INFINITY
+    ceiling = hard if hard != infinite else max(need, soft)  # Linux has no unlimited NOFILE
+    want = ceiling if unbounded else min(ceiling, need)
+    if soft != infinite and want > soft:
+        try:
+            limits.setrlimit(limits.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as error:
+            log.warn(
+                "cannot raise the open-file limit from {soft} to {want}: {error}",
+                soft=soft,
+                want=want,
+                error=error,
+            )
+        else:
+            log.info(
+                "open-file limit raised from {soft} to {want} (hard limit {hard})",
+                soft=soft,
+                want=want,
+                hard="unlimited" if hard == infinite else hard,
+            )
+            soft = want
+    capped = [name for name in CAPPED if getattr(settings, name).port != "off" and name not in unbounded]
+    if soft != infinite and need > soft and capped:
+        log.warn(
+            "open-file limit {limit} is below the {need} descriptors the connection caps may take "
+            "({parts} + {reserve} reserved): past it, connections are not accepted, whichever service "
+            "they are for; raise the limit (ulimit -n, systemd LimitNOFILE=) or lower {options}",
+            limit=soft,
+            need=need,
+            parts=" + ".join(parts),
+            reserve=reserve,
+            options=", ".join(_cap_option(name) for name in capped),
+        )
+    if unbounded:
+        log.warn(
+            "{services}: no cap on clients ({options} 0): the open-file limit {limit} is the only bound, "
+            "and clients of one service can take every descriptor from the others",
+            services=", ".join(unbounded),
+            options=", ".join(_cap_option(name) for name in unbounded),
+            limit="unlimited" if soft == infinite else soft,
+        )
 
 
 _hook_installed = False

@@ -53,6 +53,7 @@ from zope.interface import implementer
 
 from sockproto import config
 from sockproto.listening import Listener
+from sockproto.logfilter import ClientLogFilter, install
 from sockproto.stats import ServiceStats, Stats
 
 log = Logger(namespace="sockproto")
@@ -466,6 +467,7 @@ class Worker(LineReceiver):
         self._flushed: Deferred[None] = Deferred()
         self._backlog = Backlog()
         self._dropped = 0  # log and access lines not sent while the pipe was full
+        self.log_filter: ClientLogFilter | None = None  # once the settings are known
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self._backlog, True)
@@ -504,6 +506,10 @@ class Worker(LineReceiver):
         from sockproto.service import BUILDERS
 
         settings = config.from_data(start["settings"])
+        # What clients make a worker log passes the budget here, as in the
+        # main process: the lines it relays are ready-made text.
+        self.log_filter = ClientLogFilter(settings.suite.log_rate, self.reactor)
+        install(self.log_filter)
         for service in start["services"]:
             name, fd = service["name"], service["fd"]
             built = BUILDERS[name](settings, self.stats, self.reactor)
@@ -603,6 +609,8 @@ class Worker(LineReceiver):
         stopped = self.services.stopService() or succeed(None)
 
         def said(_: Any) -> Deferred[None]:
+            if self.log_filter is not None:
+                self.log_filter.flush()
             log.info("pid {pid}, stopped", pid=os.getpid())
             self._report()
             if self._main_gone or self.transport is None:
