@@ -385,8 +385,8 @@ class TelnetTests(ChatTestCase):
         return new
 
     def test_commands_answered_never_relayed_however_cut(self) -> None:
-        # Regression: telnet's Ctrl-C reached the others as "\ufffd\ufffd\ufffd\ufffd\x06"
-        # garbage, and the telnet client blanked its screen for want of an answer.
+        # Regression: telnet's Ctrl-C reached the others as four U+FFFD of
+        # garbage, and the telnet client showed no output for want of an answer.
         a, b = self.clients(2)
         for sent, relayed, answer in TELNET:
             for cut in range(len(sent)):
