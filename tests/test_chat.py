@@ -401,7 +401,7 @@ class TelnetTests(ChatTestCase):
             self.assertEqual(a.received(), relayed, sent)
             self.assertEqual(self.sent_back(b), answer, sent)
 
-    def test_commands_before_login(self) -> None:
+    def test_commands_inside_a_chat_command(self) -> None:
         a, b = self.clients(2)
         b.send(b"\xff\xfd\x06/nick\xff\xf4 bob\n")
         self.assertEqual(self.sent_back(b), b"\xff\xfc\x06*** you are now bob\r\n")
