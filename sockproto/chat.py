@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -42,7 +43,7 @@ from sockproto.limits import (
 )
 from sockproto.listening import Listener, stream_listener
 from sockproto.stats import ServiceStats, Stats
-from sockproto.text import loggable
+from sockproto.text import TelnetFilter, loggable, relayable
 
 log = Logger(namespace="sockproto")
 
@@ -53,15 +54,8 @@ _COMMAND = re.compile(r"/(\S*)\s*(.*)", re.DOTALL)
 LOGIN_DELAY_CAP = 30.0
 OVERFLOW_MESSAGE = b"error: too many users, try again later\r\n"
 
-# C0 controls except TAB, DEL, and the C1 controls (U+0080-U+009F, which some
-# terminals obey as ESC sequences even in UTF-8): removed from all relayed text.
-_CONTROLS: dict[int, None] = dict.fromkeys([*range(0x00, 0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0)])
-
-
-def clean(line: bytes) -> str:
-    """A client's line as text fit to relay: UTF-8 (bad bytes become U+FFFD),
-    with the characters that could drive a terminal removed."""
-    return line.decode("utf-8", "replace").translate(_CONTROLS)
+# A client's line as text fit to relay (the suite's one rule: sockproto.text).
+clean = relayable
 
 
 def valid_nick(name: str) -> bool:
@@ -258,7 +252,19 @@ class ChatProtocol(BoundedLineReceiver):
 
     # Input: blocks of lines, held while the client must wait.
 
+    @cached_property
+    def _telnet(self) -> TelnetFilter:
+        """Telnet's commands out of the input before it is split into lines."""
+        return TelnetFilter(self._bytes_received, self._telnet_reply)
+
     def dataReceived(self, data: bytes) -> None:
+        self._telnet.feed(data)
+
+    def _telnet_reply(self, reply: bytes) -> None:
+        if not self._leaving:
+            self.send(reply)
+
+    def _bytes_received(self, data: bytes) -> None:
         if self._leaving or self._overlong is not None:
             return
         lines = (self._buffer + data).split(b"\n") if self._buffer else data.split(b"\n")
@@ -275,6 +281,7 @@ class ChatProtocol(BoundedLineReceiver):
 
     def readConnectionLost(self) -> None:
         """EOF: the last line counts even without LF; then the client leaves."""
+        self._telnet.end()
         if self._buffer:
             self._lines.append(self._buffer)
             self._buffer = b""

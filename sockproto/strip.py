@@ -2,7 +2,9 @@
 spaces, tabs, CR and LF, NUL-terminated; ``exit`` or ``quit`` closes.
 
 NUL ends an answer, so a NUL inside a line is dropped too: one line is always
-exactly one answer, whatever bytes it holds.
+exactly one answer, whatever bytes it holds. Telnet's commands (a telnet
+client's Ctrl-C) are taken out before the lines are split: see
+:class:`~sockproto.text.TelnetFilter`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sockproto.config import Settings
 from sockproto.limits import BoundedLineReceiver, ConnectionPolicy
 from sockproto.listening import Listener, stream_listener
 from sockproto.stats import ServiceStats, Stats
+from sockproto.text import TelnetFilter
 
 WHITESPACE = b" \t\r\n"
 # What an answer never holds: the whitespace, and the NUL that ends it.
@@ -52,8 +55,22 @@ class StripProtocol(BoundedLineReceiver):
         # never reads would have them all buffered here. As the transport's
         # producer (LineReceiver is one), reading stops while output backs up.
         self.transport.registerProducer(self, True)
+        self._telnet = TelnetFilter(self._bytes_received, self._telnet_reply)
 
-    def dataReceived(self, data: bytes) -> Any:
+    def dataReceived(self, data: bytes) -> None:
+        # Without a 0xFF in it (any text but a telnet client's Ctrl-C), the
+        # data goes straight on.
+        self._telnet.feed(data)
+
+    def _telnet_reply(self, reply: bytes) -> None:
+        if not self.transport.disconnecting:
+            self.transport.write(reply)
+
+    def readConnectionLost(self) -> None:
+        self._telnet.end()  # a 0xFF last is data: into the last line
+        super().readConnectionLost()
+
+    def _bytes_received(self, data: bytes) -> Any:
         # LineReceiver splits one line at a time and copies the rest of the
         # buffer each time; the answer to a block of lines is computable in one
         # pass, so take the fast path whenever no line needs a closer look.

@@ -19,6 +19,15 @@ from sockproto.config import ChatSettings
 from sockproto.limits import ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
 
+# What the README says is never relayed, beyond the C0 and C1 controls.
+NOT_RELAYED = {
+    "bidi embedding or override": "\u202a\u202b\u202c\u202d\u202e",
+    "bidi isolate": "\u2066\u2067\u2068\u2069",
+    "bidi mark": "\u200e\u200f\u061c",
+    "zero-width character": "\u200b\u2060\ufeff",
+    "line or paragraph separator": "\u2028\u2029",
+}
+
 
 class TextTests(SynchronousTestCase):
     def test_controls_removed_tab_kept(self) -> None:
@@ -34,6 +43,23 @@ class TextTests(SynchronousTestCase):
     def test_other_text_untouched(self) -> None:
         text = "h\xe9llo \u4e16\u754c \U0001f600 <b>&amp;"
         self.assertEqual(chat.clean(text.encode()), text)
+
+    def test_bidi_controls_zero_width_and_separators_removed(self) -> None:
+        # Regression: an RLO (U+202E) made "<bob> hi \u202etxt.exe" show as
+        # "<bob> hi exe.txt"; the others showed or hid text the same way.
+        for what, chars in NOT_RELAYED.items():
+            for char in chars:
+                self.assertEqual(chat.clean(f"a{char}b{char}".encode()), "ab", f"{what}: U+{ord(char):04X}")
+
+    def test_joiners_kept_inside_emoji_and_words_only(self) -> None:
+        family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # one glyph: man ZWJ woman ZWJ girl
+        flag = "\U0001f3f3\ufe0f\u200d\U0001f308"  # rainbow flag: after VS16
+        persian = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"  # ZWNJ inside a word
+        for text in (family, flag, persian, f"{family} and {persian}"):
+            self.assertEqual(chat.clean(text.encode()), text)
+        # Elsewhere they only hide: at an end, beside a space or another joiner.
+        stray = "\u200dhi\u200c \u200c\u200dthere\u200d\u200dyou\u200d"
+        self.assertEqual(chat.clean(stray.encode()), "hi thereyou")
 
     def test_nicknames(self) -> None:
         for good in ("a", "Alice", "bob_2", "x-y", "9" * 32):
@@ -318,6 +344,81 @@ class JoinAndTalkTests(ChatTestCase):
         lines = c.received()
         self.assertIn("guest3", lines[0])
         self.assertEqual(lines[1:], [f"<guest1> line {i}" for i in range(6, 25)] + ["* guest2 waves"])
+
+
+class TextHygieneTests(ChatTestCase):
+    def test_bidi_and_invisible_characters_not_relayed(self) -> None:
+        a, b = self.clients(2)
+        for what, chars in NOT_RELAYED.items():
+            for char in chars:
+                b.send(f"pay{char}lap", f"/me {char}waves")
+                self.assertEqual(
+                    a.received(), ["<guest2> paylap", "* guest2 waves"], f"{what}: U+{ord(char):04X}"
+                )
+        b.send("/quit \u202egone")
+        self.assertEqual(a.received(), ["*** guest2 left (quit: gone)"])
+
+    def test_emoji_sequences_relayed_whole(self) -> None:
+        a, b = self.clients(2)
+        b.send("\U0001f468\u200d\U0001f469\u200d\U0001f467 \u200d")
+        self.assertEqual(a.received(), ["<guest2> \U0001f468\u200d\U0001f469\u200d\U0001f467 "])
+
+
+# Telnet shapes: (what the client sends, what the others see, what it gets back).
+TELNET = [
+    # Ctrl-C: IAC IP, then IAC DO TIMING-MARK; the client shows nothing until its answer
+    (b"hi\xff\xf4\xff\xfd\x06there\r\n", ["<guest2> hithere"], b"\xff\xfc\x06"),
+    (b"\xff\xfb\x18\xff\xfb\x1fok\n", ["<guest2> ok"], b"\xff\xfe\x18\xff\xfe\x1f"),  # WILL x: DONT x
+    (b"\xff\xfc\x01\xff\xfe\x03ok\n", ["<guest2> ok"], b""),  # WONT, DONT: nothing to answer
+    (b"\xff\xfa\x18\x00xterm\xff\xff\n\xff\xf0ok\n", ["<guest2> ok"], b""),  # a subnegotiation
+    (b"\xff\xfa\x1fno end\xff\xf4ok\n", ["<guest2> ok"], b""),  # one without SE ends at a command
+    # NOP, DM, BRK, IP, AO, AYT, EC, EL, GA: two bytes each
+    (b"o" + b"".join(bytes([0xFF, c]) for c in range(0xF1, 0xFA)) + b"k\n", ["<guest2> ok"], b""),
+    # not commands: IAC IAC and IAC before a non-command byte are data (not UTF-8)
+    (b"a\xff\xffb\xffc\n", ["<guest2> a\ufffd\ufffdb\ufffdc"], b""),
+]
+
+
+class TelnetTests(ChatTestCase):
+    def sent_back(self, client: Client) -> bytes:
+        client.clock.advance(0)
+        data = client.transport.value()
+        new, client.seen = data[client.seen :], len(data)
+        return new
+
+    def test_commands_answered_never_relayed_however_cut(self) -> None:
+        # Regression: telnet's Ctrl-C reached the others as four U+FFFD of
+        # garbage, and the telnet client showed no output for want of an answer.
+        a, b = self.clients(2)
+        for sent, relayed, answer in TELNET:
+            for cut in range(len(sent)):
+                b.send(sent[:cut], sent[cut:])
+                self.assertEqual(a.received(), relayed, (sent, cut))
+                self.assertEqual(self.sent_back(b), answer, (sent, cut))
+
+    def test_commands_byte_by_byte(self) -> None:
+        a, b = self.clients(2)
+        for sent, relayed, answer in TELNET:
+            b.send(*(sent[i : i + 1] for i in range(len(sent))))
+            self.assertEqual(a.received(), relayed, sent)
+            self.assertEqual(self.sent_back(b), answer, sent)
+
+    def test_commands_inside_a_chat_command(self) -> None:
+        a, b = self.clients(2)
+        b.send(b"\xff\xfd\x06/nick\xff\xf4 bob\n")
+        self.assertEqual(self.sent_back(b), b"\xff\xfc\x06*** you are now bob\r\n")
+        self.assertEqual(a.received(), ["*** guest2 is now known as bob"])
+
+    def test_a_last_lone_0xff_is_data_an_unfinished_command_is_dropped(self) -> None:
+        a, b, c = self.clients(3)
+        b.send(b"last\xff")
+        b.protocol.readConnectionLost()
+        self.assertEqual(a.received(), ["<guest2> last\ufffd", "*** guest2 left (EOF)"])
+        c.received()
+        c.send(b"end\xff\xfd")
+        c.protocol.readConnectionLost()
+        self.assertEqual(a.received(), ["<guest3> end", "*** guest3 left (EOF)"])
+        self.assertEqual(self.sent_back(c), b"")
 
 
 class NoHistoryTests(ChatTestCase):

@@ -133,6 +133,18 @@ class ChatEndToEndTests(SynchronousTestCase):
         self.assertIn(b"left (line too long)", recv_until(watcher, lambda d: b"too long" in d))
         self.assertFalse(self.suite.saw("Traceback"))
 
+    def test_a_telnet_client_ctrl_c_and_bidi_overrides(self) -> None:
+        # Regression: telnet's Ctrl-C (IAC IP IAC DO TIMING-MARK) reached the
+        # others as garbage and went unanswered, so telnet showed no output
+        # again; an RLO reversed the rest of the line on the others' screens.
+        telnet, watcher = self.connect(), self.connect()
+        telnet.sendall(b"hello\r\n\xff\xf4\xff\xfd\x06")
+        answered = recv_until(telnet, lambda d: d.endswith(b"\xff\xfc\x06"))  # IAC WONT TIMING-MARK
+        self.assertEqual(answered, b"*** guest2 joined\r\n\xff\xfc\x06")
+        telnet.sendall("still \u202eereh\u202c, \U0001f468\u200d\U0001f469\r\n".encode())
+        expected = "<guest1> hello\r\n<guest1> still ereh, \U0001f468\u200d\U0001f469\r\n".encode()
+        self.assertEqual(recv_until(watcher, lambda d: len(d) >= len(expected)), expected)
+
     def test_shutdown_says_so_to_everyone(self) -> None:
         clients = [self.connect() for _ in range(3)]
         for sock in clients[:2]:

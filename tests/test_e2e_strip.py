@@ -38,6 +38,16 @@ class StripEndToEndTests(StripSuiteCase):
         expected = b"a1\x00b2\x00\xff\xfe\x00c3\x00"
         self.assertEqual(recv_until(sock, lambda d: len(d) >= len(expected)), expected)
 
+    def test_a_telnet_client_ctrl_c(self) -> None:
+        # Regression: telnet's Ctrl-C (IAC IP IAC DO TIMING-MARK) came back in
+        # the next answer and went unanswered, so telnet showed no output again.
+        sock = self.connect()
+        sock.sendall(b"a b\r\n\xff\xf4\xff\xfd\x06")
+        expected = b"ab\x00\xff\xfc\x06"  # then IAC WONT TIMING-MARK
+        self.assertEqual(recv_until(sock, lambda d: len(d) >= len(expected)), expected)
+        sock.sendall(b"c d\r\n")
+        self.assertEqual(recv_until(sock, lambda d: d.endswith(b"\0")), b"cd\x00")
+
     def test_exit_closes_without_answer(self) -> None:
         sock = self.connect()
         sock.sendall(b"one\n  exit  \ntwo\n")

@@ -4,8 +4,10 @@ Clock), with and without logins. Whatever the clients send or do (stop
 reading, half-close, reset, wait):
 
 - nothing raises out of the protocol and nothing is logged as a failure;
-- everything a client receives is whole lines of UTF-8 with no control
-  character (C0 but TAB, DEL, C1): no client drives another's terminal;
+- everything a client receives is whole lines of UTF-8 (beside the answers
+  to its telnet commands) with no character that may not be relayed (C0 but
+  TAB, DEL, C1, bidi controls, zero-width ones, stray joiners): no client
+  drives another's terminal or reorders or hides what it shows;
 - no client ever gets its own line relayed back (``<nick> ...``, ``* nick ...``);
 - per connection, the unhandled input stays under ``--chat-max-line`` plus
   one read, and the unsent output under ``--chat-max-pending``;
@@ -33,6 +35,8 @@ from sockproto import chat
 from sockproto.config import ChatSettings
 from sockproto.limits import ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
+from tests.support import cut
+from tests.test_properties_strip import telnet
 
 MAX_LINE = 64
 MAX_PENDING = 600
@@ -42,10 +46,38 @@ RELAYED = re.compile(r"<([^>]*)> |\* (\S+) ")
 SHUTDOWN = "*** server shutting down"
 
 
+# Never relayed (the README): C0 but TAB, DEL, C1, the bidi controls, the
+# zero-width characters, the line and paragraph separators; the joiners
+# only between two visible characters.
+NEVER_RELAYED = (
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060\u2066-\u2069\ufeff]"
+)
+STRAY_JOINER = "(?:^|(?<=[\\s\u200c\u200d]))[\u200c\u200d]|[\u200c\u200d](?=[\\s\u200c\u200d]|$)"
+NOT_RELAYED = re.compile(f"{NEVER_RELAYED}|{STRAY_JOINER}")
+# What the server answers to telnet's DO and WILL: IAC WONT x, IAC DONT x.
+TELNET_ANSWER = re.compile(rb"\xff[\xfc\xfe].", re.DOTALL)
+
+
 def controls(text: str) -> list[str]:
-    return [c for c in text if (ord(c) < 0x20 and c != "\t") or 0x7F <= ord(c) < 0xA0]
+    return NOT_RELAYED.findall(text)
 
 
+# What reorders or hides text, the joiners, telnet commands.
+hostile = st.sampled_from(
+    [
+        *(chr(c).encode() for c in [0x061C, 0x200B, 0x200E, 0x200F, 0x2028, 0x2029, 0x2060, 0xFEFF]),
+        *(chr(c).encode() for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]),
+        "\u200d".encode(),
+        "\u200c".encode(),
+        "\U0001f468\u200d\U0001f469".encode(),
+        b"\xff\xf4\xff\xfd\x06",  # telnet's Ctrl-C
+        b"\xff\xfb\x18",
+        b"\xff\xfa\x18\x00",
+        b"\xff\xf0",
+        b"\xff\xff",
+        b"\xff",
+    ]
+)
 pieces = st.one_of(
     st.binary(max_size=10),
     st.text(max_size=6).map(str.encode),
@@ -74,8 +106,10 @@ pieces = st.one_of(
             b"\t",
         ]
     ),
+    hostile,
     st.integers(1, 100).map(lambda n: b"y" * n),  # up to and past --chat-max-line
 )
+JOINERS = "\u200c\u200d"
 chunks = st.lists(pieces, min_size=1, max_size=8).map(lambda parts: b"".join(parts)[:MAX_CHUNK])
 clients = st.integers(0, 4)
 actions = st.lists(
@@ -117,7 +151,7 @@ class Client:
         speakers, send = room.speakers, protocol.send
 
         def checked(data: bytes) -> None:
-            for line in data.decode("utf-8").split("\r\n"):
+            for line in TELNET_ANSWER.sub(b"", data).decode("utf-8").split("\r\n"):
                 match = RELAYED.match(line)
                 if match:
                     sender = speakers.get((match[1] or match[2]).lower())
@@ -132,7 +166,8 @@ class Client:
         return not (self.gone or self.transport.disconnecting)
 
     def lines(self) -> list[str]:
-        return self.transport.value().decode("utf-8").split("\r\n")
+        """What it got, but answers to its telnet commands: lines of UTF-8."""
+        return TELNET_ANSWER.sub(b"", self.transport.value()).decode("utf-8").split("\r\n")
 
 
 class Room:
@@ -245,3 +280,49 @@ class ChatPropertyTests(SynchronousTestCase):
             self.assertEqual(client.lines()[-2], SHUTDOWN)
         failures = [formatEvent(e) for e in events if "log_failure" in e]
         self.assertEqual(failures, [])
+
+
+def relayed_text(line: bytes) -> tuple[str | None, bytes]:
+    """What the README says the others see of ``line`` sent with its LF (None
+    if the LF went into an unended telnet subnegotiation), and the telnet
+    answers its sender gets: its data without telnet commands, as UTF-8
+    (else U+FFFD), a CR before the LF dropped, without what is never relayed
+    and the joiners not between two visible characters."""
+    events = telnet(line + b"\n", eof=False)
+    answers = b"".join(e for e in events if isinstance(e, bytes))
+    data = bytes(e for e in events if isinstance(e, int))
+    if not data.endswith(b"\n"):
+        return None, answers
+    text = data[:-1].removesuffix(b"\r").decode("utf-8", "replace")
+    kept = [c for c in text if not re.fullmatch(NEVER_RELAYED, c)]
+    visible = [c not in JOINERS and not c.isspace() for c in kept]
+    shown = (
+        c
+        for i, c in enumerate(kept)
+        if c not in JOINERS or (0 < i < len(kept) - 1 and visible[i - 1] and visible[i + 1])
+    )
+    return "".join(shown), answers
+
+
+class ChatTextPropertyTests(SynchronousTestCase):
+    @given(
+        st.lists(st.one_of(hostile, st.text(max_size=4).map(str.encode), st.binary(max_size=4)), max_size=12),
+        st.data(),
+    )
+    def test_what_is_relayed_of_any_line(self, parts: list[bytes], data: Any) -> None:
+        line = b"x" + b"".join(parts).replace(b"\n", b"")  # one line, not a command
+        clock = Clock()
+        factory = chat.ChatFactory(ChatSettings(rate=(0.0, 0.0)), ServiceStats("chat", "lines"), clock)
+        transports = [StringTransport(), StringTransport()]
+        sender, _receiver = [factory.buildProtocol(None) for _ in transports]
+        for protocol, transport in zip((sender, _receiver), transports, strict=True):
+            protocol.makeConnection(transport)
+        clock.advance(0)
+        for transport in transports:
+            transport.clear()  # the welcome, the join
+        for chunk in data.draw(cut(line + b"\n", 6)):
+            sender.dataReceived(chunk)
+        clock.advance(0)
+        text, answers = relayed_text(line)
+        self.assertEqual(transports[0].value(), answers)
+        self.assertEqual(transports[1].value(), b"" if text is None else f"<guest1> {text}\r\n".encode())

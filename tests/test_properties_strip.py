@@ -1,7 +1,9 @@
 """Properties of the strip server under arbitrary byte streams cut anywhere.
 
 The protocol runs behind the real guard over a StringTransport. A model
-written here from the README (not from strip.py) says what must come back.
+written here from the README (not from strip.py or sockproto.text, byte by
+byte where they scan) says what must come back, telnet commands and their
+answers included.
 """
 
 from __future__ import annotations
@@ -30,26 +32,76 @@ pieces = st.one_of(
     st.sampled_from(
         [b"\n", b"\r\n", b" ", b"\t", b"\r", b"\0", b"\x0b\x0c", b"exit", b"QUIT", b" Exit\t", b"\xff\xfe"]
     ),
+    # telnet: Ctrl-C, an offer, a subnegotiation and its end, IAC IAC, a lone IAC
+    st.sampled_from(
+        [b"\xff\xf4\xff\xfd\x06", b"\xff\xfb\x18", b"\xff\xfa\x18\x00", b"\xff\xf0", b"\xff\xff", b"\xff"]
+    ),
     st.integers(1, 80).map(lambda n: b"x" * n),
 )
 streams = st.lists(pieces, max_size=40).map(b"".join)
 
 
-def expected(stream: bytes, max_line: int, half_close: bool) -> tuple[bytes, bool]:
-    """What the README promises for ``stream``: (the bytes sent back, closed or not)."""
-    out = b""
-    *lines, rest = stream.split(b"\n")
-    if half_close and rest:
-        lines, rest = [*lines, rest], b""
-    for line in lines:
-        if len(line) > max_line:
-            return out + TOO_LONG, True
-        if line.strip(SEPARATORS).lower() in (b"exit", b"quit"):
-            return out, True
-        out += bytes(b for b in line if b not in SEPARATORS + b"\0") + b"\0"
-    if len(rest) > max_line:
-        return out + TOO_LONG, True
-    return out, half_close
+def telnet(stream: bytes, eof: bool) -> list[int | bytes]:
+    """``stream`` as the README reads it: its data bytes (ints) and the
+    server's answers to telnet commands (bytes), in order. 0xFF then
+    0xF0-0xFE is a command (WILL, WONT, DO, DONT take one byte more; SB runs
+    to IAC SE or any IAC but IAC IAC); 0xFF then anything else is two data
+    bytes; DO x is answered WONT x, WILL x DONT x. An unfinished command at
+    the end is no data yet, or at EOF none at all, but a lone 0xFF is."""
+    events: list[int | bytes] = []
+    i, in_sb = 0, False
+    while i < len(stream):
+        byte, following = stream[i], stream[i + 1 : i + 2]
+        if byte != 0xFF:
+            if not in_sb:
+                events.append(byte)
+            i += 1
+        elif not following:
+            if eof and not in_sb:
+                events.append(byte)
+            break
+        elif in_sb:
+            if following[0] == 0xFF:
+                i += 2
+            else:
+                in_sb = False
+                i += 2 if following[0] == 0xF0 else 0  # another command: read it as one
+        elif following[0] == 0xFF or following[0] < 0xF0:
+            events += [byte, following[0]]
+            i += 2
+        elif following[0] in (0xFB, 0xFC, 0xFD, 0xFE):
+            if i + 2 == len(stream):
+                break
+            answer = {0xFB: b"\xff\xfe", 0xFD: b"\xff\xfc"}.get(following[0])
+            if answer:
+                events.append(answer + stream[i + 2 : i + 3])
+            i += 3
+        else:
+            in_sb = following[0] == 0xFA
+            i += 2
+    return events
+
+
+def expected(stream: bytes, max_line: int, half_close: bool) -> tuple[bytes, bool, bool]:
+    """What the README promises for ``stream``: (the bytes sent back, closed
+    or not, telnet answers among them or not)."""
+    out, line, answered = b"", bytearray(), False
+    for event in [*telnet(stream, half_close), None]:
+        if isinstance(event, int) and event != 0x0A:
+            line.append(event)
+            continue
+        if isinstance(event, int) or (event is None and half_close and line):
+            if len(line) > max_line:
+                return out + TOO_LONG, True, answered
+            if line.strip(SEPARATORS).lower() in (b"exit", b"quit"):
+                return out, True, answered
+            out += bytes(b for b in line if b not in SEPARATORS + b"\0") + b"\0"
+            line.clear()
+        elif len(line) > max_line:  # a line without LF yet: too long as soon as it is seen
+            return out + TOO_LONG, True, answered
+        elif event is not None:
+            out, answered = out + event, True
+    return out, half_close, answered
 
 
 class Run:
@@ -82,18 +134,20 @@ class StripPropertyTests(SynchronousTestCase):
         with capturedLogs() as events:
             output = whole.feed([stream] if stream else [], half_close)
             self.assertEqual(split.feed(chunks, half_close), output)
-        want, closed = expected(stream, max_line, half_close)
+        want, closed, answered = expected(stream, max_line, half_close)
         self.assertEqual(output, want)
         self.assertEqual(bool(split.transport.disconnecting), closed)
+        # Memory: never more than one line's worth held between chunks.
+        self.assertLessEqual(split.peak_buffer, max_line)
+        self.assertEqual(len(events), int(output.endswith(TOO_LONG)) * 2)  # the limit's line, each run
+        if answered:
+            return  # telnet answers (with any option byte) among the answers: the model checked them
         # The answers: whitespace-free, one NUL each, one per line handled.
         answers = output.removesuffix(TOO_LONG)
         self.assertFalse(set(answers) & set(SEPARATORS), answers)
         self.assertEqual(answers.count(b"\0"), split.stats.handled)
         if answers:
             self.assertTrue(answers.endswith(b"\0"))
-        # Memory: never more than one line's worth held between chunks.
-        self.assertLessEqual(split.peak_buffer, max_line)
-        self.assertEqual(len(events), int(output.endswith(TOO_LONG)) * 2)  # the limit's line, each run
 
     @given(st.lists(st.binary(min_size=1, max_size=4096), min_size=1, max_size=8))
     def test_long_input_without_lf_is_bounded(self, chunks: list[bytes]) -> None:

@@ -159,6 +159,63 @@ class StripProtocolTests(SynchronousTestCase):
         self.assertEqual(self.stats.limits["idle_timeout"], 1)
 
 
+# Telnet shapes: (what the client sends, what comes back), in stream order.
+TELNET = [
+    # Ctrl-C: IAC IP IAC DO TIMING-MARK, answered WONT TM (the client shows nothing until then)
+    (b"a b\xff\xf4\xff\xfd\x06c\n", b"\xff\xfc\x06abc\x00"),
+    (b"a\nb\xff\xfb\x18\n", b"a\x00\xff\xfe\x18b\x00"),  # WILL x: DONT x, after a's answer
+    (b"\xff\xfc\x01\xff\xfe\x03ok\n", b"ok\x00"),  # WONT, DONT: nothing to answer
+    (b"\xff\xfa\x18\x00xterm\xff\xff\n\xff\xf0ok\n", b"ok\x00"),  # a subnegotiation, LF and all
+    (b"\xff\xfa\x1fno end\xff\xf4ok\n", b"ok\x00"),  # one without SE ends at a command
+    # NOP, DM, BRK, IP, AO, AYT, EC, EL, GA: two bytes each
+    (b"o" + b"".join(bytes([0xFF, c]) for c in range(0xF1, 0xFA)) + b"k\n", b"ok\x00"),
+    # not commands, data: IAC IAC (so a telnet client gets it back escaped), IAC before other bytes
+    (b"\xff\xff \xff\x00\xff \xfe\n", b"\xff\xff\xff\xff\xfe\x00"),
+]
+
+
+class StripTelnetTests(SynchronousTestCase):
+    setUp = StripProtocolTests.setUp
+    send = StripProtocolTests.send
+
+    def test_commands_taken_out_and_answered_however_cut(self) -> None:
+        # Regression: telnet's Ctrl-C came back inside the next answer, and the
+        # telnet client showed no output again for want of an answer to DO TM.
+        for sent, answered in TELNET:
+            for cut in range(len(sent)):
+                protocol, transport = connect(self.factory)
+                protocol.dataReceived(sent[:cut])
+                protocol.dataReceived(sent[cut:])
+                self.assertEqual(transport.value(), answered, (sent, cut))
+                protocol.connectionLost(None)
+
+    def test_commands_byte_by_byte(self) -> None:
+        for sent, answered in TELNET:
+            self.transport.clear()
+            self.send(*(sent[i : i + 1] for i in range(len(sent))))
+            self.assertEqual(self.transport.value(), answered, sent)
+
+    def test_nothing_answered_after_exit(self) -> None:
+        self.assertEqual(self.send(b"a\nexit\n\xff\xfd\x06"), b"a\x00")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_a_last_lone_0xff_is_data_at_half_close(self) -> None:
+        self.send(b"one\xff")
+        self.assertEqual(self.transport.value(), b"")
+        self.protocol.readConnectionLost()
+        self.assertEqual(self.transport.value(), b"one\xff\x00")
+
+    def test_an_unfinished_command_at_half_close_is_dropped(self) -> None:
+        self.send(b"one\xff\xfd")
+        self.protocol.readConnectionLost()
+        self.assertEqual(self.transport.value(), b"one\x00")
+
+    def test_the_held_0xff_counts_toward_the_line_at_half_close(self) -> None:
+        self.send(b"z" * 64 + b"\xff")
+        self.protocol.readConnectionLost()
+        self.assertEqual(self.transport.value(), b"error: line too long\r\n")
+
+
 class StripFactoryLimitTests(SynchronousTestCase):
     def test_eleventh_client_told_and_dropped(self) -> None:
         clock = Clock()
