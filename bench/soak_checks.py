@@ -56,8 +56,13 @@ _CHAT_LINE = re.compile(
 _WELCOME = re.compile(rf"\*\*\* welcome to sockproto chat, you are ({_NICK});")
 
 
-# The characters the README says are never relayed: C0 but TAB, DEL, C1.
-_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# The characters the README says are never relayed: C0 but TAB, DEL, C1, and
+# those that reorder or hide text (bidi controls, zero-width characters, line
+# and paragraph separators). The joiners U+200C/U+200D, kept between visible
+# characters, are left to the server's own tests.
+_CONTROLS = re.compile(
+    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e\u2060\u2066-\u2069\ufeff]"
+)
 
 
 def terminal_controls(text: str) -> list[str]:
