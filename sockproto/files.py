@@ -63,6 +63,7 @@ class Tree:
     def __init__(
         self, root: str | os.PathLike[str], *, follow_symlinks: bool = True, hide_dotfiles: bool = True
     ):
+        self.folder = os.fspath(root)  # as given: paths listed in it start so
         self.root = os.path.realpath(root)
         self.follow_symlinks = follow_symlinks
         self.hide_dotfiles = hide_dotfiles
@@ -83,8 +84,9 @@ class Tree:
         return opened.stat
 
     def relative(self, path: str | os.PathLike[str]) -> str:
-        """``path`` (absolute, as twisted.web or a listing gives it) relative to the root."""
-        return os.path.relpath(path, self.root)
+        """``path`` (under the folder as given, as twisted.web or a listing makes
+        it) relative to the folder, for :meth:`open`."""
+        return os.path.relpath(path, self.folder)
 
     def _resolve(self, path: str, *, folder_ok: bool, read: bool = True) -> Opened:
         pending = _components(path)
@@ -115,6 +117,9 @@ class Tree:
                 if pending:
                     os.close(fd)
                     raise NotADirectoryError(errno.ENOTDIR, "not a folder", path)
+                if stat.S_ISDIR(info.st_mode):
+                    os.close(fd)
+                    raise IsADirectoryError(errno.EISDIR, "a folder", path)
                 if not stat.S_ISREG(info.st_mode):
                     os.close(fd)
                     raise RefusedPathError(errno.EACCES, "not a regular file", path)
