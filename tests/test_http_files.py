@@ -42,6 +42,9 @@ ESCAPES = [
     "/files/.hidden",
     "/files/.git/config",
     "/files/sub/.hidden",
+    "/files/dotenv",
+    "/files/repo/config",
+    "/files/repo/",
     "/files/%2ehidden",
     "/files/fifo",
     "/files/loop",
@@ -79,6 +82,8 @@ def make_tree(test: SynchronousTestCase) -> str:
     os.symlink("../outside", os.path.join(root, "dir_out"))
     os.symlink("../..", os.path.join(root, "sub", "link_up"))
     os.symlink("loop", os.path.join(root, "loop"))
+    os.symlink(".hidden", os.path.join(root, "dotenv"))  # a dotfile by a plain name
+    os.symlink(".git", os.path.join(root, "repo"))
     os.symlink("root", os.path.join(top, "root_link"))
     os.mkfifo(os.path.join(root, "fifo"))
     return top
@@ -255,7 +260,7 @@ class RenderTests(SynchronousTestCase):
         response = self.http.get("/files/")
         self.assertEqual(response.status, 200)
         self.assertIn(b'href="a.txt"', response.body)
-        for hidden in (b".hidden", b".git", b"link_out", b"dir_out", b"fifo", b"secret"):
+        for hidden in (b".hidden", b".git", b"link_out", b"dir_out", b"fifo", b"secret", b"dotenv", b"repo"):
             self.assertNotIn(hidden, response.body)
 
 
