@@ -22,7 +22,7 @@ from twisted.web.http import datetimeToString
 
 from sockproto import checks, http
 from sockproto.config import HttpSettings
-from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, MultipartProducer, SafeFile
+from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, MultipartProducer, RangeProducer, SafeFile
 from sockproto.stats import Stats
 from tests.support import Consumer, temp_dir
 from tests.test_http import Harness, messages, parse_responses
@@ -299,6 +299,15 @@ class MultipartProducerTests(SynchronousTestCase):
         self.assertEqual(consumer.body, b"A0123456789")
         self.assertEqual((consumer.finished, consumer.lost), (False, True))
 
+    def test_file_cut_short_reports_what_is_missing(self) -> None:
+        missing: list[int] = []
+        consumer = Consumer()
+        MultipartProducer(
+            consumer, BytesIO(b"0123456789"), [(b"A", 0, 100), (b"BB", 0, 1)], missing.append
+        ).start()
+        self.assertEqual(consumer.pull(), b"A0123456789")
+        self.assertEqual(missing, [90 + 2 + 1])
+
     def test_stopped_producer_writes_nothing_more(self) -> None:
         consumer = Consumer()
         file = BytesIO(self.content)
@@ -308,6 +317,58 @@ class MultipartProducerTests(SynchronousTestCase):
         producer.resumeProducing()
         self.assertEqual(consumer.chunks, [])
         self.assertTrue(file.closed)
+
+
+class RangeProducerTests(SynchronousTestCase):
+    """The whole-file and single-range producer on a real file changed between pulls."""
+
+    size = 3 * RangeProducer.buffer_size
+
+    def setUp(self) -> None:
+        self.path = os.path.join(temp_dir(self), "file")
+        self.content = os.urandom(self.size)
+        with open(self.path, "wb") as file:
+            file.write(self.content)
+        self.file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (the producer closes it)
+        self.missing: list[int] = []
+        self.consumer = Consumer()
+
+    def producer(self, offset: int, size: int) -> RangeProducer:
+        producer = RangeProducer(self.consumer, self.file, offset, size, self.missing.append)
+        producer.start()
+        return producer
+
+    def test_exactly_the_range_in_buffer_sized_chunks(self) -> None:
+        self.producer(10, self.size - 20)
+        self.assertEqual(self.consumer.pull(), self.content[10:-10])
+        self.assertTrue(self.consumer.finished)
+        self.assertTrue(all(len(chunk) <= RangeProducer.buffer_size for chunk in self.consumer.chunks))
+        self.assertTrue(self.file.closed)
+
+    def test_cut_short_between_pulls(self) -> None:
+        producer = self.producer(0, self.size)
+        producer.resumeProducing()
+        os.truncate(self.path, 100)
+        self.assertEqual(self.consumer.pull(), self.content[: RangeProducer.buffer_size])
+        self.assertEqual((self.consumer.finished, self.consumer.lost), (False, True))
+        self.assertEqual(self.missing, [self.size - RangeProducer.buffer_size])
+        self.assertTrue(self.file.closed)
+
+    def test_grown_between_pulls(self) -> None:
+        producer = self.producer(0, self.size)
+        producer.resumeProducing()
+        with open(self.path, "ab") as file:
+            file.write(b"appended")
+        self.assertEqual(self.consumer.pull(), self.content)
+        self.assertEqual((self.consumer.finished, self.missing), (True, []))
+
+    def test_stopped_when_the_client_goes(self) -> None:
+        producer = self.producer(0, self.size)
+        producer.resumeProducing()
+        producer.stopProducing()
+        producer.resumeProducing()
+        self.assertEqual(len(self.consumer.chunks), 1)
+        self.assertTrue(self.file.closed)
 
 
 class FolderCheckTests(SynchronousTestCase):
