@@ -129,10 +129,13 @@ class Tree:
                 # Opened afresh for reading: O_NOFOLLOW and O_NONBLOCK again, and
                 # the fstat of this descriptor decides (it may have been swapped).
                 fd = os.open(name, _READ, dir_fd=folders[-1])
-                info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
+                try:
+                    info = os.fstat(fd)
+                    if not stat.S_ISREG(info.st_mode):
+                        raise RefusedPathError(errno.EACCES, "not a regular file", path)
+                except BaseException:
                     os.close(fd)
-                    raise RefusedPathError(errno.EACCES, "not a regular file", path)
+                    raise
                 return Opened(fd, info)
             if not folder_ok:
                 raise IsADirectoryError(errno.EISDIR, "a folder", path)
