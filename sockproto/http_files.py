@@ -7,29 +7,42 @@ path segment or a ``Range`` header that is not UTF-8 with a logged traceback.
 Its Range support lets a small request cost a huge response (overlapping
 ranges, as in Apache's CVE-2011-3192) and fails on a suffix longer than the
 file, on several ranges none of which fits, and whenever a part boundary
-fills its buffer. :class:`SafeFile` closes each of these in one place;
-everything else (Range, HEAD, ``Last-Modified``/``If-Modified-Since``,
-content types) is twisted.web's.
+fills its buffer. Its producers trust the file not to change while it is
+sent: one cut short spins for ever, one that grows overruns its
+Content-Length (the client reads the rest as the next response). It checks a
+path, then opens it again (a symlink or FIFO swapped in between is followed),
+rounds Last-Modified up (``curl -z`` never gets its 304), sends no ETag and
+ignores ``If-None-Match`` and ``If-Range``. :class:`SafeFile` closes each of
+these in one place: a file is opened once through :class:`sockproto.files.Tree`
+and everything is taken from that descriptor. Range parsing, redirects and
+content types are twisted.web's.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from html import escape
 from typing import Any
 from urllib.parse import quote
 
 from twisted.internet.interfaces import IPullProducer
-from twisted.web import resource
+from twisted.logger import Logger
+from twisted.web import resource, server
+from twisted.web.http import datetimeToString, stringToDatetime
 from zope.interface import implementer
+
+from sockproto.files import RefusedPathError, Tree
+from sockproto.text import loggable
 
 with warnings.catch_warnings():
     # Importing twisted.web.static builds one of Twisted's own deprecated
     # error pages (Twisted 22.10 and later): a warning no user can act on.
     warnings.filterwarnings("ignore", r"twisted\.web\.resource\._Unsafe", DeprecationWarning)
     from twisted.web import static
+
+log = Logger(namespace="sockproto")
 
 
 class PlainPage(resource.Resource):
@@ -191,7 +204,67 @@ class PulledBody:
         self.request = None
 
 
-class MultipartProducer(PulledBody):
+class FileProducer(PulledBody):
+    """Bytes of an open file, exactly as many as the response's Content-Length
+    promised: a file that grows while it is sent gives only those, and one that
+    ends early (truncated under us, as ``copytruncate`` log rotation does) ends
+    the response with a close, reported to ``cut_short`` with the bytes missing.
+    Either way the producer finishes: nothing keeps asking an empty file."""
+
+    buffer_size = static.StaticProducer.bufferSize
+
+    def __init__(self, request: Any, file: Any, cut_short: Callable[[int], None] | None = None) -> None:
+        super().__init__(request)
+        self.file = file
+        self.cut_short = cut_short
+
+    def ended_early(self, request: Any, last: bytes, missing: int) -> None:
+        self.end(request, last, whole=False)
+        if self.cut_short is not None:
+            self.cut_short(missing)
+
+    def stopProducing(self) -> None:
+        super().stopProducing()
+        self.file.close()
+
+
+class RangeProducer(FileProducer):
+    """``size`` bytes from ``offset``: the whole file (200) or one range (206).
+
+    It stands in for ``static.NoRangeStaticProducer``, which sends whatever
+    the file has by the time it is read (more than its Content-Length if it
+    grew), and ``static.SingleRangeStaticProducer``, which asks a file cut
+    short for more for ever (100% CPU, even after the client has gone).
+    """
+
+    def __init__(
+        self, request: Any, file: Any, offset: int, size: int, cut_short: Callable[[int], None] | None = None
+    ) -> None:
+        super().__init__(request, file, cut_short)
+        self.offset = offset
+        self.remaining = size
+
+    def start(self) -> None:
+        if self.offset:
+            self.file.seek(self.offset)
+        super().start()
+
+    def produce(self, request: Any) -> None:
+        if not self.remaining:
+            self.end(request)
+            return
+        chunk = self.file.read(min(self.buffer_size, self.remaining))
+        if not chunk:
+            self.ended_early(request, b"", self.remaining)
+            return
+        self.remaining -= len(chunk)
+        if self.remaining:
+            request.write(chunk)
+        else:
+            self.end(request, chunk)
+
+
+class MultipartProducer(FileProducer):
     """A multipart/byteranges body, a buffer at a pull: each part's boundary, then its bytes.
 
     It stands in for ``static.MultipleRangeStaticProducer``, which asks the
@@ -200,48 +273,97 @@ class MultipartProducer(PulledBody):
     file, and spins for ever on a file cut short while it is sent.
     """
 
-    buffer_size = static.StaticProducer.bufferSize
-
-    def __init__(self, request: Any, file: Any, parts: Iterable[tuple[bytes, int, int]]) -> None:
-        super().__init__(request)
-        self.file = file
+    def __init__(
+        self,
+        request: Any,
+        file: Any,
+        parts: Iterable[tuple[bytes, int, int]],
+        cut_short: Callable[[int], None] | None = None,
+    ) -> None:
+        super().__init__(request, file, cut_short)
         self.parts = iter(parts)  # (boundary, offset, size), as static.File makes them
         self.remaining = 0  # bytes of the current part still to send
 
     def produce(self, request: Any) -> None:
         out: list[bytes] = []
         room = self.buffer_size
-        done = short = False
         while room > 0:
             if not self.remaining:
                 part = next(self.parts, None)
                 if part is None:
-                    done = True
-                    break
+                    self.end(request, b"".join(out))
+                    return
                 boundary, offset, self.remaining = part
                 self.file.seek(offset)
                 out.append(boundary)
                 room -= len(boundary)
                 continue
             chunk = self.file.read(min(room, self.remaining))
-            if not chunk:
-                done = short = True  # the file shrank under us
-                break
+            if not chunk:  # the file shrank under us
+                missing = self.remaining + sum(len(boundary) + size for boundary, _, size in self.parts)
+                self.ended_early(request, b"".join(out), missing)
+                return
             out.append(chunk)
             room -= len(chunk)
             self.remaining -= len(chunk)
-        if done:
-            self.end(request, b"".join(out), whole=not short)  # short: the file shrank under us
-        else:
-            request.write(b"".join(out))
+        request.write(b"".join(out))
 
-    def stopProducing(self) -> None:
-        super().stopProducing()
-        self.file.close()
+
+def entity_tag(info: os.stat_result) -> bytes:
+    """A strong ETag: the file's identity, size and mtime (to the nanosecond)
+    from the fstat of the descriptor that is sent, so a file replaced, grown or
+    rewritten gets another."""
+    return b'"%x-%x-%x"' % (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def http_date(value: bytes) -> int | None:
+    """An HTTP-date as whole seconds since the epoch; None if it is not one."""
+    try:
+        return int(stringToDatetime(value.split(b";", 1)[0].strip()))
+    except (ValueError, IndexError, OverflowError):  # twisted.web raises each for some garbage
+        return None
+
+
+def _opaque(tag: bytes) -> bytes:
+    return tag[2:] if tag.startswith(b"W/") else tag
+
+
+def not_modified(request: Any, etag: bytes, modified: int) -> bool:
+    """Whether a GET or HEAD gets 304 (RFC 9110 sec. 13.2.2): If-None-Match,
+    compared weakly, and only without it If-Modified-Since, at the one-second
+    resolution of HTTP dates."""
+    if request.method not in (b"GET", b"HEAD"):
+        return False
+    none_match = request.getHeader(b"if-none-match")
+    if none_match is not None:
+        tags = [tag.strip() for tag in none_match.split(b",")]
+        return b"*" in tags or any(_opaque(tag) == etag for tag in tags)
+    since = request.getHeader(b"if-modified-since")
+    when = http_date(since) if since is not None else None
+    return when is not None and modified <= when
+
+
+def range_still_fits(request: Any, etag: bytes, modified: int) -> bool:
+    """``If-Range`` (RFC 9110 sec. 13.1.5): a Range is for the file the client
+    has part of, named by its ETag (compared strongly: a weak tag never matches)
+    or its exact Last-Modified date. If the file changed, the whole file is the
+    answer, not a piece of the new one spliced onto the old."""
+    header = request.getHeader(b"if-range")
+    if header is None:
+        return True
+    header = header.strip()
+    if header.startswith((b'"', b"W/")):
+        return header == etag
+    return http_date(header) == modified
 
 
 class SafeFile(static.File):
-    """A file or folder under ``root`` (a real path: no symlinks in it)."""
+    """A file or folder under ``root`` (a real path: no symlinks in it).
+
+    Paths are resolved by ``tree`` (:class:`sockproto.files.Tree`), and a file
+    is served from the one descriptor it opens: its size, type check and
+    validators come from that descriptor's fstat, never from the path again.
+    """
 
     childNotFound = NOT_FOUND
     forbidden = PlainPage(403, "forbidden\n")
@@ -250,12 +372,14 @@ class SafeFile(static.File):
     indexNames = ["index.html", "index.htm"]
     methods = (b"GET", b"HEAD")
 
-    def __init__(self, path: str, root: str, listing: bool = False) -> None:
+    def __init__(self, path: str, root: str, listing: bool = False, tree: Tree | None = None) -> None:
         # Unknown types as octet-stream, not twisted.web's text/html: a file
         # is never rendered as a page because it lacks an extension.
         super().__init__(path, defaultType="application/octet-stream")
         self.root = root
         self.listing = listing
+        self.tree = tree or Tree(root)
+        self.size = 0  # of the file being rendered, from its descriptor's fstat
 
     @classmethod
     def serving(cls, folder: str, listing: bool = False) -> SafeFile:
@@ -263,14 +387,14 @@ class SafeFile(static.File):
         root = os.path.realpath(folder)
         return cls(root, root, listing)
 
-    def inside_root(self, path: str) -> bool:
-        """Whether ``path``, with every symbolic link resolved, lies in the root."""
-        real = os.path.realpath(path)
-        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
-
     def servable(self, path: str) -> bool:
-        """A regular file or a folder inside the root; not a FIFO, socket or device."""
-        return self.inside_root(path) and (os.path.isfile(path) or os.path.isdir(path))
+        """A regular file or a folder that :class:`Tree` reaches inside the root:
+        no link out of it, nothing hidden on the way, not a FIFO, socket or device."""
+        try:
+            self.tree.stat(self.tree.relative(path))
+        except OSError:
+            return False
+        return True
 
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
         if is_hidden(path) or b"\0" in path:
@@ -289,48 +413,106 @@ class SafeFile(static.File):
             return self.childNotFound
         return child
 
+    def getFileSize(self) -> int:
+        return self.size
+
     def render(self, request: Any) -> Any:
         # static.File would answer other methods with twisted.web's HTML
         # "405" or "501 Huh?" page (deprecated, and a warning on each).
         if request.method not in self.methods:
             return method_not_allowed(self.methods).render(request)
-        return super().render(request)
+        try:
+            file, info = self.tree.open_file(self.tree.relative(self.path))
+        except IsADirectoryError:
+            return self.redirect(request)
+        except RefusedPathError:
+            return self.childNotFound.render(request)
+        except PermissionError:
+            return self.forbidden.render(request)
+        except OSError:  # gone, or swapped for something else since getChild
+            return self.childNotFound.render(request)
+        self.size = info.st_size
+        if self.type is None:
+            self.type, self.encoding = static.getTypeAndEncoding(
+                self.basename(), self.contentTypes, self.contentEncodings, self.defaultType
+            )
+        etag = entity_tag(info)
+        modified = info.st_mtime_ns // 1_000_000_000  # truncated, as the file's own seconds
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"etag", etag)
+        request.setHeader(b"last-modified", datetimeToString(modified))
+        if not_modified(request, etag, modified):
+            file.close()
+            # Finished here: a body returned, even b"", would get Content-Length: 0.
+            request.setResponseCode(304)
+            request.finish()
+            return server.NOT_DONE_YET
+        if request.method == b"HEAD":
+            self._setContentHeaders(request)
+            file.close()
+            return b""
+        if not range_still_fits(request, etag, modified):
+            request.requestHeaders.removeHeader(b"range")
+        self.makeProducer(request, file).start()
+        return server.NOT_DONE_YET
 
-    def makeProducer(self, request: Any, fileForReading: Any) -> Any:
+    def makeProducer(self, request: Any, fileForReading: Any) -> FileProducer:
+        def cut_short(missing: int) -> None:
+            self.ended_early(request, missing)
+
         byte_range = request.getHeader(b"range")
-        if byte_range is not None and not self.honours_range(byte_range):
-            request.requestHeaders.removeHeader(b"range")  # the whole file, once
-        producer = super().makeProducer(request, fileForReading)
-        if isinstance(producer, static.MultipleRangeStaticProducer):
-            # rangeInfo is ([], b"") when no range fits: a 416, set already.
-            parts = producer.rangeInfo if isinstance(producer.rangeInfo, list) else []
-            return MultipartProducer(request, fileForReading, parts)
-        return producer
+        ranges = self.ranges(byte_range) if byte_range is not None else None
+        if ranges is None:
+            self._setContentHeaders(request)
+            request.setResponseCode(200)
+            return RangeProducer(request, fileForReading, 0, self.size, cut_short)
+        if len(ranges) == 1:
+            offset, size = self._doSingleRangeRequest(request, ranges[0])
+            self._setContentHeaders(request, size)
+            return RangeProducer(request, fileForReading, offset, size, cut_short)
+        info = self._doMultipleRangeRequest(request, ranges)
+        # rangeInfo is ([], b"") when no range fits: a 416, set already.
+        parts = info if isinstance(info, list) else []
+        return MultipartProducer(request, fileForReading, parts, cut_short)
 
-    def honours_range(self, header: bytes) -> bool:
-        """Whether to answer a Range header at all; if not, the whole file is sent
-        with a 200, as RFC 9110 allows.
+    def ended_early(self, request: Any, missing: int) -> None:
+        """A file cut short while sent: one log line, one count in ``/status``."""
+        log.info(
+            "http: {path} ended {missing} bytes early; connection closed",
+            path=loggable(self.tree.relative(self.path)),
+            missing=missing,
+        )
+        stats = getattr(getattr(request, "site", None), "service_stats", None)
+        if stats is not None:  # the suite's ResponderSite
+            stats.counters["files_cut_short"] += 1
 
-        Not when it is not ASCII: static.File decodes a malformed one as UTF-8
-        to log it, and fails. Not for more than :data:`MAX_RANGES` parts, or
-        parts adding up to more than the file (nginx's rule): overlapping
-        ranges would make a request of a few KB cost gigabytes.
+    def ranges(self, header: bytes) -> list[tuple[int | None, int | None]] | None:
+        """The ranges to answer, or None for the whole file with a 200, as RFC
+        9110 allows.
+
+        None when the header is malformed, or not ASCII (static.File decodes
+        it as UTF-8 to log it, and fails). None for more than
+        :data:`MAX_RANGES` parts, or parts adding up to more than the file
+        (nginx's rule): overlapping ranges would make a request of a few KB
+        cost gigabytes.
         """
         if not header.isascii():
-            return False
+            return None
         try:
-            ranges = self._parseRangeHeader(header)
+            ranges: list[tuple[int | None, int | None]] = self._parseRangeHeader(header)
         except ValueError:
-            return True  # malformed: static.File ignores it (and says so in the log)
+            return None
         if len(ranges) > MAX_RANGES:
-            return False
-        return sum(self._rangeToOffsetAndSize(start, end)[1] for start, end in ranges) <= self.getFileSize()
+            return None
+        if sum(self._rangeToOffsetAndSize(start, end)[1] for start, end in ranges) > self.size:
+            return None
+        return ranges
 
     def _rangeToOffsetAndSize(self, start: int | None, end: int | None) -> tuple[int, int]:
         # static.File turns a suffix longer than the file (bytes=-1000 of a
         # 6-byte file) into a negative offset: a traceback. RFC 9110: the
         # whole file is the answer.
-        if start is None and end is not None and end > self.getFileSize():
+        if start is None and end is not None and end > self.size:
             start, end = 0, None
         return super()._rangeToOffsetAndSize(start, end)
 
@@ -350,4 +532,4 @@ class SafeFile(static.File):
         ]
 
     def createSimilarFile(self, path: str) -> SafeFile:
-        return SafeFile(path, self.root, self.listing)
+        return SafeFile(path, self.root, self.listing, self.tree)

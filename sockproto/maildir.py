@@ -32,6 +32,8 @@ from typing import BinaryIO
 
 from zope.interface import Interface, implementer
 
+from sockproto.files import Tree
+
 CHUNK = 64 * 1024
 LOCK_NAME = "sockproto-pop3.lock"
 SUBFOLDERS = ("cur", "new", "tmp")
@@ -442,14 +444,19 @@ class Maildrop:
             message.deleted = False
 
     def open_message(self, message: Message) -> BinaryIO:
+        """The message's file, opened beneath the Maildir by the one safe opener
+        (:class:`sockproto.files.Tree`): a symlink swapped in after login is
+        refused, not followed; a FIFO is refused, not waited on (the reactor
+        would be)."""
+        tree = Tree(self.maildir.path, follow_symlinks=False)
         try:
-            return open(message.path, "rb")
+            return tree.open_file(tree.relative(message.path))[0]
         except FileNotFoundError:
             moved = self.maildir.locate(message.unique)
             if moved is None:
                 raise
             message.path = moved
-            return open(moved, "rb")
+            return tree.open_file(tree.relative(moved))[0]
 
     def commit(self) -> tuple[int, int]:
         """Remove the messages marked deleted: (removed, failed). A message

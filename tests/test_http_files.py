@@ -13,16 +13,19 @@ from types import SimpleNamespace
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet import _producer_helpers
+from twisted.internet.task import Cooperator
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
+from twisted.web.http import datetimeToString
 
 from sockproto import checks, http
 from sockproto.config import HttpSettings
-from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, MultipartProducer, SafeFile
+from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, MultipartProducer, RangeProducer, SafeFile
 from sockproto.stats import Stats
 from tests.support import Consumer, temp_dir
-from tests.test_http import Harness
+from tests.test_http import Harness, messages, parse_responses
 
 ESCAPES = [
     "/files/../outside/secret.txt",
@@ -42,6 +45,9 @@ ESCAPES = [
     "/files/.hidden",
     "/files/.git/config",
     "/files/sub/.hidden",
+    "/files/dotenv",
+    "/files/repo/config",
+    "/files/repo/",
     "/files/%2ehidden",
     "/files/fifo",
     "/files/loop",
@@ -79,6 +85,8 @@ def make_tree(test: SynchronousTestCase) -> str:
     os.symlink("../outside", os.path.join(root, "dir_out"))
     os.symlink("../..", os.path.join(root, "sub", "link_up"))
     os.symlink("loop", os.path.join(root, "loop"))
+    os.symlink(".hidden", os.path.join(root, "dotenv"))  # a dotfile by a plain name
+    os.symlink(".git", os.path.join(root, "repo"))
     os.symlink("root", os.path.join(top, "root_link"))
     os.mkfifo(os.path.join(root, "fifo"))
     return top
@@ -255,7 +263,7 @@ class RenderTests(SynchronousTestCase):
         response = self.http.get("/files/")
         self.assertEqual(response.status, 200)
         self.assertIn(b'href="a.txt"', response.body)
-        for hidden in (b".hidden", b".git", b"link_out", b"dir_out", b"fifo", b"secret"):
+        for hidden in (b".hidden", b".git", b"link_out", b"dir_out", b"fifo", b"secret", b"dotenv", b"repo"):
             self.assertNotIn(hidden, response.body)
 
     def test_text_files_say_they_are_utf8(self) -> None:
@@ -331,6 +339,15 @@ class MultipartProducerTests(SynchronousTestCase):
         self.assertEqual(consumer.body, b"A0123456789")
         self.assertEqual((consumer.finished, consumer.lost), (False, True))
 
+    def test_file_cut_short_reports_what_is_missing(self) -> None:
+        missing: list[int] = []
+        consumer = Consumer()
+        MultipartProducer(
+            consumer, BytesIO(b"0123456789"), [(b"A", 0, 100), (b"BB", 0, 1)], missing.append
+        ).start()
+        self.assertEqual(consumer.pull(), b"A0123456789")
+        self.assertEqual(missing, [90 + 2 + 1])
+
     def test_stopped_producer_writes_nothing_more(self) -> None:
         consumer = Consumer()
         file = BytesIO(self.content)
@@ -340,6 +357,58 @@ class MultipartProducerTests(SynchronousTestCase):
         producer.resumeProducing()
         self.assertEqual(consumer.chunks, [])
         self.assertTrue(file.closed)
+
+
+class RangeProducerTests(SynchronousTestCase):
+    """The whole-file and single-range producer on a real file changed between pulls."""
+
+    size = 3 * RangeProducer.buffer_size
+
+    def setUp(self) -> None:
+        self.path = os.path.join(temp_dir(self), "file")
+        self.content = os.urandom(self.size)
+        with open(self.path, "wb") as file:
+            file.write(self.content)
+        self.file = open(self.path, "rb", buffering=0)  # noqa: SIM115 (the producer closes it)
+        self.missing: list[int] = []
+        self.consumer = Consumer()
+
+    def producer(self, offset: int, size: int) -> RangeProducer:
+        producer = RangeProducer(self.consumer, self.file, offset, size, self.missing.append)
+        producer.start()
+        return producer
+
+    def test_exactly_the_range_in_buffer_sized_chunks(self) -> None:
+        self.producer(10, self.size - 20)
+        self.assertEqual(self.consumer.pull(), self.content[10:-10])
+        self.assertTrue(self.consumer.finished)
+        self.assertTrue(all(len(chunk) <= RangeProducer.buffer_size for chunk in self.consumer.chunks))
+        self.assertTrue(self.file.closed)
+
+    def test_cut_short_between_pulls(self) -> None:
+        producer = self.producer(0, self.size)
+        producer.resumeProducing()
+        os.truncate(self.path, 100)
+        self.assertEqual(self.consumer.pull(), self.content[: RangeProducer.buffer_size])
+        self.assertEqual((self.consumer.finished, self.consumer.lost), (False, True))
+        self.assertEqual(self.missing, [self.size - RangeProducer.buffer_size])
+        self.assertTrue(self.file.closed)
+
+    def test_grown_between_pulls(self) -> None:
+        producer = self.producer(0, self.size)
+        producer.resumeProducing()
+        with open(self.path, "ab") as file:
+            file.write(b"appended")
+        self.assertEqual(self.consumer.pull(), self.content)
+        self.assertEqual((self.consumer.finished, self.missing), (True, []))
+
+    def test_stopped_when_the_client_goes(self) -> None:
+        producer = self.producer(0, self.size)
+        producer.resumeProducing()
+        producer.stopProducing()
+        producer.resumeProducing()
+        self.assertEqual(len(self.consumer.chunks), 1)
+        self.assertTrue(self.file.closed)
 
 
 class FolderCheckTests(SynchronousTestCase):
@@ -354,3 +423,189 @@ class FolderCheckTests(SynchronousTestCase):
         with open(path, "w"):
             pass
         self.assertRaises(ValueError, checks.optional_folder, path)
+
+
+class ValidatorTests(SynchronousTestCase):
+    """ETag, If-None-Match, If-Modified-Since and If-Range, from the served descriptor's fstat."""
+
+    # 2026-11-22 02:58:51.7 UTC: a fraction of a second that rounding up would show.
+    seconds = 1795316331
+    nanoseconds = seconds * 1_000_000_000 + 700_000_000
+
+    def setUp(self) -> None:
+        self.top = make_tree(self)
+        self.path = os.path.join(self.top, "root", "a.txt")
+        os.utime(self.path, ns=(self.nanoseconds, self.nanoseconds))
+        self.http = Harness(self, root=os.path.join(self.top, "root"))
+        info = os.stat(self.path)
+        self.etag = b'"%x-%x-%x"' % (info.st_ino, info.st_size, info.st_mtime_ns)
+        self.date = datetimeToString(self.seconds).decode()
+
+    def get(self, headers: str, method: str = "GET") -> Any:
+        return self.http.get("/files/a.txt", method=method, headers=headers)
+
+    def test_strong_etag_and_last_modified_to_the_second(self) -> None:
+        # Regression: no ETag, and Last-Modified rounded up to the next second.
+        response = self.get("")
+        self.assertEqual(response.header(b"etag"), self.etag)
+        self.assertEqual(response.header(b"last-modified"), self.date.encode())
+
+    def test_if_modified_since_the_files_own_second_is_304(self) -> None:
+        # Regression: `curl -z FILE` sends the file's mtime in seconds, which
+        # was one second before the rounded-up Last-Modified: never a 304.
+        for method in ("GET", "HEAD"):
+            response = self.get(f"If-Modified-Since: {self.date}\r\n", method)
+            self.assertEqual((response.status, response.body), (304, b""), method)
+        earlier = datetimeToString(self.seconds - 1).decode()
+        self.assertEqual(self.get(f"If-Modified-Since: {earlier}\r\n").status, 200)
+        self.assertEqual(self.get("If-Modified-Since: not a date\r\n").status, 200)
+
+    def test_304_has_no_content_length(self) -> None:
+        # Regression: it said Content-Length: 0, the length of no representation.
+        connection = self.http.connect()
+        connection.send(
+            f"GET /files/a.txt HTTP/1.1\r\nHost: x\r\nIf-None-Match: {self.etag.decode()}\r\n\r\n".encode()
+        )
+        head = connection.received()
+        self.assertTrue(head.startswith(b"HTTP/1.1 304 "), head)
+        self.assertNotIn(b"content-length", head.lower())
+        self.assertIn(b"ETag: " + self.etag, head)
+        self.assertFalse(connection.closed)  # and the connection goes on
+        (after,) = connection.request("/files/a.txt")
+        self.assertEqual((after.status, after.body), (200, b"hello\n"))
+
+    def test_if_none_match(self) -> None:
+        # Regression: If-None-Match was ignored.
+        tag = self.etag.decode()
+        for value in (tag, f'"other", {tag}', f"W/{tag}", "*"):
+            response = self.get(f"If-None-Match: {value}\r\n")
+            self.assertEqual((response.status, response.body), (304, b""), value)
+        for value in ('"other"', tag.replace('"', ""), f'"{tag}"'):
+            self.assertEqual(self.get(f"If-None-Match: {value}\r\n").status, 200, value)
+
+    def test_if_none_match_outranks_if_modified_since(self) -> None:
+        # RFC 9110 sec. 13.2.2: If-Modified-Since only without If-None-Match.
+        response = self.get(f'If-None-Match: "other"\r\nIf-Modified-Since: {self.date}\r\n')
+        self.assertEqual((response.status, response.body), (200, b"hello\n"))
+
+    def test_if_range(self) -> None:
+        # Regression: If-Range was ignored, so a resumed download of a changed
+        # file got a piece of the new one spliced onto the old.
+        tag = self.etag.decode()
+        for value in (tag, self.date):
+            response = self.get(f"Range: bytes=1-3\r\nIf-Range: {value}\r\n")
+            self.assertEqual((response.status, response.body), (206, b"ell"), value)
+        earlier = datetimeToString(self.seconds - 1).decode()
+        for value in ('"other"', f"W/{tag}", earlier, "not a date"):
+            response = self.get(f"Range: bytes=1-3\r\nIf-Range: {value}\r\n")
+            self.assertEqual((response.status, response.body), (200, b"hello\n"), value)
+            self.assertIsNone(response.header(b"content-range"), value)
+
+    def test_a_changed_file_gets_another_etag(self) -> None:
+        with open(self.path, "ab") as file:
+            file.write(b"more\n")
+        response = self.get(f"If-None-Match: {self.etag.decode()}\r\n")
+        self.assertEqual((response.status, response.body), (200, b"hello\nmore\n"))
+        self.assertNotEqual(response.header(b"etag"), self.etag)
+
+
+class ChangingFileTests(SynchronousTestCase):
+    """A file that changes between the response's head and its body, over the real site.
+
+    The body is pulled on the Clock a step at a time: twisted.web's
+    single-range producer, asked for more of a file cut short, never ends,
+    and would keep a step running for ever.
+    """
+
+    def setUp(self) -> None:
+        self.top = make_tree(self)
+        self.path = os.path.join(self.top, "root", "big.bin")
+        self.content = os.urandom(5 * MultipartProducer.buffer_size + 7)
+        with open(self.path, "wb") as file:
+            file.write(self.content)
+        self.http = Harness(self, root=os.path.join(self.top, "root"))
+        cooperator = Cooperator(scheduler=lambda step: self.http.clock.callLater(0.01, step))
+        self.patch(_producer_helpers, "cooperate", cooperator.cooperate)
+
+    def start(self, headers: str = "") -> Any:
+        """Send the request: its head is decided (Content-Length too); no body yet."""
+        connection = self.http.connect()
+        connection.protocol.dataReceived(f"GET /files/big.bin HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
+        return connection
+
+    def pump(self, connection: Any) -> None:
+        """A second of the Clock in steps: enough for the body, and bounded if it never ends."""
+        for _ in range(100):
+            self.http.clock.advance(0.01)
+            if connection.closed:
+                return
+
+    def test_a_file_cut_short_closes_the_connection(self) -> None:
+        # Regression: a Range request spun at 100% CPU until restart; the
+        # whole file left the connection open with a short body.
+        for headers, offset in (("", 0), ("Range: bytes=100-\r\n", 100), ("Range: bytes=10-99999\r\n", 10)):
+            connection = self.start(headers)
+            os.truncate(self.path, 50_000)
+            with capturedLogs() as events:
+                self.pump(connection)
+            self.assertTrue(connection.closed, headers)
+            head, _, body = connection.transport.value().partition(b"\r\n\r\n")
+            promised = int(head.lower().partition(b"content-length: ")[2].split(b"\r\n")[0])
+            self.assertEqual(body, self.content[offset:50_000], headers)
+            missing = promised - len(body)
+            self.assertGreater(missing, 0)
+            self.assertIn(f"http: big.bin ended {missing} bytes early; connection closed", messages(events))
+            with open(self.path, "wb") as file:
+                file.write(self.content)
+        self.assertEqual(self.http.service_stats.counters["files_cut_short"], 3)
+
+    def test_a_file_that_grows_sends_only_its_content_length(self) -> None:
+        # Regression: the rest went out too, and a pipelining client read it
+        # as the next response.
+        connection = self.start()
+        with open(self.path, "ab") as file:
+            file.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged")
+        connection.protocol.dataReceived(b"GET /files/a.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.pump(connection)
+        first, second = parse_responses(connection.transport.value())
+        self.assertEqual((first.status, first.body), (200, self.content))
+        self.assertEqual((second.status, second.body), (200, b"hello\n"))
+        self.assertFalse(connection.closed)
+        self.assertEqual(self.http.service_stats.counters["files_cut_short"], 0)
+
+    def test_a_file_swapped_for_a_link_after_the_check_is_not_followed(self) -> None:
+        # Regression (check-then-open): the path was checked, then opened
+        # again by name, so a symlink swapped in between was followed.
+        secret = os.path.join(self.top, "outside", "secret.txt")
+        checked = SafeFile.servable
+
+        def swap_after_check(resource: SafeFile, path: str) -> bool:
+            answer = checked(resource, path)
+            if path.endswith("a.txt") and not os.path.islink(path):
+                os.unlink(path)
+                os.symlink(secret, path)
+            return answer
+
+        self.patch(SafeFile, "servable", swap_after_check)
+        response = self.http.get("/files/a.txt")
+        self.assertEqual((response.status, response.body), (404, b"not found\n"))
+
+    def test_a_file_swapped_for_a_fifo_after_the_check_is_not_served(self) -> None:
+        # The FIFO is held open for writing too, so twisted.web's open() of it
+        # returned (without a writer it would block the test, as the reactor).
+        path = os.path.join(self.top, "root", "a.txt")
+        checked = SafeFile.servable
+        writers: list[int] = []
+
+        def swap_after_check(resource: SafeFile, child: str) -> bool:
+            answer = checked(resource, child)
+            if child == path and not writers:
+                os.unlink(path)
+                os.mkfifo(path)
+                writers.append(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+                self.addCleanup(os.close, writers[0])
+            return answer
+
+        self.patch(SafeFile, "servable", swap_after_check)
+        response = self.http.get("/files/a.txt")
+        self.assertEqual((response.status, response.body), (404, b"not found\n"))

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import maildir
 from sockproto.__main__ import main
+from sockproto.files import RefusedPathError
 from sockproto.maildir import (
     TMP_MAX_AGE,
     CrlfNormalizer,
@@ -261,6 +262,37 @@ class MaildropTests(SynchronousTestCase):
         os.rename(moved, self.root / "alice" / "cur" / "2.m:2,ST")
         self.assertEqual(self.drop.commit(), (1, 0))
         self.assertEqual(sorted(os.listdir(self.root / "alice" / "cur")), [])
+
+    def test_a_message_swapped_for_a_link_after_login_is_not_followed(self) -> None:
+        # Regression: RETR of a message replaced by a symlink returned the file
+        # it pointed to, outside the Maildir.
+        secret = self.root / "secret"
+        secret.write_bytes(b"not mail\n")
+        for target in (secret, self.paths[2]):  # out of the Maildir, or to another message
+            self.paths[0].unlink()
+            self.paths[0].symlink_to(target)
+            with self.assertRaises(RefusedPathError):
+                self.drop.open_message(self.drop.get(1))  # type: ignore[arg-type]
+
+    def test_a_message_swapped_for_a_fifo_is_refused_at_once(self) -> None:
+        # Regression: open() of the FIFO waited for a writer, and froze the
+        # server. (The test holds a writer, so the old open() returned.)
+        self.paths[0].unlink()
+        os.mkfifo(self.paths[0])
+        writer = os.open(self.paths[0], os.O_RDWR | os.O_NONBLOCK)
+        self.addCleanup(os.close, writer)
+        with self.assertRaises(RefusedPathError):
+            self.drop.open_message(self.drop.get(1))  # type: ignore[arg-type]
+
+    def test_a_maildir_reached_through_a_symlink_still_opens(self) -> None:
+        # Links the operator made to the mailbox itself are theirs: only what
+        # is inside it is opened without following any.
+        os.symlink(self.root / "alice", self.root / "linked")
+        drop = Maildrop(
+            Maildir(self.root / "linked"), self.drop.lock, Maildir(self.root / "linked").messages()
+        )
+        with drop.open_message(drop.get(1)) as file:  # type: ignore[arg-type]
+            self.assertEqual(file.read(), b"m1\n")
 
     def test_message_already_gone_counts_as_removed(self) -> None:
         self.paths[0].unlink()

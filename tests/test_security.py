@@ -6,7 +6,9 @@
   name that is let in opens exactly the folder of that name under the root;
 - repeated failures from one address are answered ever later;
 - logs cannot be forged: every logged value a client chose (user names,
-  reasons, commands) is escaped, so each event is one printable line.
+  reasons, commands) is escaped, so each event is one printable line;
+- a message swapped after login for a symlink or a FIFO is refused, not
+  followed or waited on.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import poplib
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from sockproto.pop3 import AnyLogin
 from tests.support import temp_dir
 from tests.test_chat import ChatTestCase
 from tests.test_pop3 import Server
+from tests.test_pop3_e2e import Box, start
 
 RIGHT = b"s3cret"
 FORGED = b"\r\n2026-11-22T04:03:05+0000 [sockproto#info] pop3: forged line"
@@ -313,3 +317,51 @@ class ChatLogForgingTests(ChatTestCase):
         self.assertTrue(
             any("left: quit: 2026-11-22T04:03:05+0000 [sockproto#info]" in text for text in texts)
         )
+
+
+class Pop3SwappedMessageTests(SynchronousTestCase):
+    """A local writer swaps a listed message after login: RETR and TOP answer
+    with an error, never with a file outside the Maildir, and never wait."""
+
+    def setUp(self) -> None:
+        self.server = Server(self)
+        self.message = self.server.deliver(b"Subject: x\n\nmail\n")
+        self.client = self.server.connect()
+        self.assertIn(b"+OK alice's maildrop has 1 messages", self.client.login())
+        self.message.unlink()
+
+    def test_a_symlink_is_not_followed(self) -> None:
+        # Regression: RETR returned the file the link pointed to.
+        secret = Path(temp_dir(self)) / "secret"
+        secret.write_bytes(b"TOP-SECRET\n")
+        self.message.symlink_to(secret)
+        with capturedLogs() as events:
+            for command in (b"RETR 1\r\n", b"TOP 1 0\r\n"):
+                answer = self.client.send(command)
+                self.assertEqual(answer, b"-ERR [SYS/TEMP] cannot read the message\r\n")
+        self.assertEqual(len(events), 2)
+        self.assertIn("a symbolic link", formatEvent(events[0]))
+        self.assertFalse(self.client.closed)
+
+
+class Pop3SwappedMessageEndToEndTests(SynchronousTestCase):
+    """The FIFO case against the real daemon: a freeze there only costs the client's timeout."""
+
+    def test_a_fifo_swapped_in_does_not_freeze_the_server(self) -> None:
+        # Regression: RETR blocked the reactor in open() for ever: this
+        # session, and every other one, waited.
+        box = Box(self)
+        message = box.deliver(b"Subject: x\n\nmail\n")
+        suite = start(self, box)
+        client = poplib.POP3("127.0.0.1", suite.address("pop3")[1], timeout=10)
+        self.addCleanup(client.close)
+        client.user("alice")
+        client.pass_("secret")
+        message.unlink()
+        os.mkfifo(message)
+        with self.assertRaises(poplib.error_proto) as raised:
+            client.retr(1)
+        self.assertIn(b"cannot read the message", raised.exception.args[0])
+        self.assertEqual(client.noop(), b"+OK")
+        suite.wait_log("pop3: cannot read")
+        self.assertFalse(suite.saw("Traceback"))

@@ -49,6 +49,7 @@ NAMES = [
     "etc", "passwd", "a.txt", "A.TXT", "sub", "SUB", "b.txt", ".hidden", ".HIDDEN", "%2ehidden",
     ".git", "config", "link_out", "LINK_OUT", "abs_out", "dir_out", "link_up", "loop", "chain", "dir_in",
     "link_in", "via_sub", "up", "root", "root_link", "fifo", "tmp", "%00", "%ff", "caf%C3%A9.txt", "",
+    "dotenv", "repo",
 ]  # fmt: skip
 # Segments joined by separators (mostly a plain "/"), sometimes run together.
 steps = st.tuples(
