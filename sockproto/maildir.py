@@ -32,7 +32,7 @@ from typing import BinaryIO
 
 from zope.interface import Interface, implementer
 
-from sockproto.files import Tree
+from sockproto.files import RefusedPathError, Tree
 
 CHUNK = 64 * 1024
 LOCK_NAME = "sockproto-pop3.lock"
@@ -207,20 +207,30 @@ class _SizeCache:
         self._limit = limit
         self._lock = threading.Lock()
 
-    def size(self, path: str, stat: os.stat_result) -> int:
-        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    def size(self, tree: Tree, path: str, stat: os.stat_result) -> int:
+        """The CRLF size of ``path`` in ``tree``, which was ``stat`` when listed.
+        Read through the safe opener: a message swapped for a symlink or a FIFO
+        since it was listed is refused (RefusedPathError), not followed or
+        waited on; the size is kept under what was read, by its ``fstat``."""
         with self._lock:
-            known = self._sizes.get(key)
+            known = self._sizes.get(_identity(stat))
             if known is not None:
-                self._sizes.move_to_end(key)
+                self._sizes.move_to_end(_identity(stat))
                 return known
-        with open(path, "rb") as file:
+        file, stat = tree.open_file(path)
+        key = _identity(stat)
+        with file:
             size = wire_size(file)
         with self._lock:
             self._sizes[key] = size
             if len(self._sizes) > self._limit:
                 self._sizes.popitem(last=False)
         return size
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file's contents may have: its size is known by it."""
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 _sizes = _SizeCache()
@@ -244,6 +254,8 @@ class Maildir:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        # Messages are opened beneath it only, following no symlink at all.
+        self.tree = Tree(self.path, follow_symlinks=False)
 
     def create(self) -> Maildir:
         """Make ``cur``, ``new`` and ``tmp`` (and the folder) if missing."""
@@ -261,8 +273,10 @@ class Maildir:
                     stat = entry.stat()
                     size = _tagged_size(unique, stat.st_size)
                     if size is None:
-                        size = _sizes.size(entry.path, stat)
+                        size = _sizes.size(self.tree, f"{sub}/{entry.name}", stat)
                 except FileNotFoundError:  # removed by another reader meanwhile
+                    continue
+                except RefusedPathError:  # swapped for a link or a FIFO since listed: not a message
                     continue
                 found[unique] = (stat.st_mtime_ns, Message(entry.path, unique, uidl(unique), size))
         return [message for _, message in sorted(found.values(), key=lambda item: (item[0], item[1].unique))]
@@ -448,7 +462,7 @@ class Maildrop:
         (:class:`sockproto.files.Tree`): a symlink swapped in after login is
         refused, not followed; a FIFO is refused, not waited on (the reactor
         would be)."""
-        tree = Tree(self.maildir.path, follow_symlinks=False)
+        tree = self.maildir.tree
         try:
             return tree.open_file(tree.relative(message.path))[0]
         except FileNotFoundError:

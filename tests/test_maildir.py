@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -21,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import maildir
 from sockproto.__main__ import main
-from sockproto.files import RefusedPathError
+from sockproto.files import RefusedPathError, Tree
 from sockproto.maildir import (
     TMP_MAX_AGE,
     CrlfNormalizer,
@@ -193,13 +194,40 @@ class MaildirTests(SynchronousTestCase):
         gone = put(self.box.path / "new", "2.b", b"b\n")
         real_size = maildir._sizes.size
 
-        def remove_then_measure(path: str, stat: os.stat_result) -> int:
-            if path == str(gone):
+        def remove_then_measure(tree: Tree, path: str, stat: os.stat_result) -> int:
+            if path == "new/" + gone.name:
                 gone.unlink()
-            return real_size(path, stat)
+            return real_size(tree, path, stat)
 
         self.patch(maildir._sizes, "size", remove_then_measure)
         self.assertEqual([m.unique for m in self.box.messages()], ["1.a"])
+
+    def swapped_while_listing(self, swap: Callable[[Path], None]) -> list[str]:
+        """The uniques listed when the second message is swapped (by ``swap``)
+        between the folder's scan and its sizing."""
+        put(self.box.path / "new", "1.a", b"a\n")
+        swapped = put(self.box.path / "new", "2.b", b"b\n")
+        real_size = maildir._sizes.size
+
+        def swap_then_measure(tree: Tree, path: str, stat: os.stat_result) -> int:
+            if path == "new/" + swapped.name:
+                swapped.unlink()
+                swap(swapped)
+            return real_size(tree, path, stat)
+
+        self.patch(maildir._sizes, "size", swap_then_measure)
+        return [m.unique for m in self.box.messages()]
+
+    def test_a_message_swapped_for_a_symlink_while_listing_is_not_followed(self) -> None:
+        """The size of a file outside the Maildir was read through the link."""
+        outside = self.root.parent / "outside.txt"
+        outside.write_bytes(b"secret\n" * 100)
+        self.addCleanup(outside.unlink)
+        self.assertEqual(self.swapped_while_listing(lambda path: path.symlink_to(outside)), ["1.a"])
+
+    def test_a_message_swapped_for_a_fifo_while_listing_is_not_waited_on(self) -> None:
+        """open() of a FIFO waits for a writer: the login (a pool thread) hung."""
+        self.assertEqual(self.swapped_while_listing(os.mkfifo), ["1.a"])
 
     def test_str_and_bytes_free_paths(self) -> None:
         # twisted.mail's MaildirMailbox failed login with a str path.
