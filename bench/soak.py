@@ -928,6 +928,11 @@ class Load:
 
     async def garbage(self, service: str) -> None:
         data = self.rng.randbytes(self.rng.randrange(1, 4096))
+        if service in ("strip", "chat"):
+            # Strip and chat take telnet commands (IAC, 0xFF) out of what they
+            # read and answer them: garbage without them keeps its answers
+            # known; the telnet bytes have their own episode (chat_spoof).
+            data = data.replace(b"\xff", b"\xfe")
         conn = await self.connect(service)
         try:
             await conn.send(data)
