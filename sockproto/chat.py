@@ -36,6 +36,7 @@ from sockproto.limits import (
     BoundedLineReceiver,
     ConnectionPolicy,
     FailureDelays,
+    Login,
     OutputBuffer,
     at_turn_end,
     peer_of,
@@ -287,7 +288,7 @@ class ChatProtocol(BoundedLineReceiver):
             self._buffer = b""
         self._eof = True
         if "login answer" in self._timers:
-            self._close("EOF")  # a failed login's answer waits for no one
+            self._close("EOF")  # a login's answer waits for no one
             return
         self._work()
 
@@ -453,41 +454,43 @@ class ChatProtocol(BoundedLineReceiver):
         checked.addBoth(self._login_checked, user)
 
     def _login_checked(self, result: Any, user: str) -> None:
-        """A correct login is answered at once, even from an address whose
-        logins failed; a failed one after its wait (FailureDelays: at most
+        """Any login from an address whose logins failed is answered after
+        its penalty, right password or not (FailureDelays: at most
         LOGIN_DELAY_CAP), during which the client's later lines wait too."""
         if self._leaving:
             return
-        delays, host = self.factory.login_delays, self._host()
-        if not isinstance(result, Failure):
-            delays.succeeded(host)
-            self._answer_login(user, True)
-            return
-        if not result.check(LoginFailed):
-            log.error(
-                "chat: checking the login of {user} failed: {error}",
-                user=user,
-                error=result.getErrorMessage(),
+        outcome = Login.SUCCEEDED
+        if isinstance(result, Failure):
+            outcome = Login.FAILED
+            if not result.check(LoginFailed):
+                log.error(
+                    "chat: checking the login of {user} failed: {error}",
+                    user=user,
+                    error=result.getErrorMessage(),
+                )
+            self.service_stats.counters["login_failed"] += 1
+        accepted = outcome is Login.SUCCEEDED
+        pending = self.factory.login_delays.answer_later(
+            self._host(), outcome, lambda: self._answer_login(user, accepted)
+        )
+        if outcome is Login.FAILED:
+            log.info(
+                "chat: {peer} failed to log in as {user}; answering in {wait:g} s",
+                peer=self.peer,
+                user=loggable(user),
+                wait=0 if pending is None else pending.seconds,
             )
-        self.service_stats.counters["login_failed"] += 1
-        if self._eof:  # counted, but no one is left to answer
-            delays.failed(host)
-            log.info("chat: {peer} failed to log in as {user}", peer=self.peer, user=loggable(user))
+        if pending is None:
+            return
+        if self._eof:  # no one is left to answer
+            pending.cancel()
             self._close("EOF")
             return
-        pending = delays.answer_later(host, lambda: self._answer_login(user, False))
-        log.info(
-            "chat: {peer} failed to log in as {user}; answering in {wait:g} s",
-            peer=self.peer,
-            user=loggable(user),
-            wait=0 if pending is None else pending.seconds,
-        )
-        if pending is not None:
-            self._timers["login answer"] = pending
-            self._watch_for_hangup()
+        self._timers["login answer"] = pending
+        self._watch_for_hangup()
 
     def _watch_for_hangup(self) -> None:
-        """While nothing but a failed login's answer holds the client, its
+        """While nothing but a login's answer holds the client, its
         socket is read (up to a line's worth of waiting input), so that a
         client that hangs up is seen at once: its wait ends and it leaves
         (see readConnectionLost), instead of keeping its slot until then."""

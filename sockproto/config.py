@@ -114,8 +114,9 @@ class ChatSettings:
     login_delay: float = option(
         1.0,
         checks.seconds,
-        "Wait before answering a failed chat login: S * 2**(n-1) for the n-th failure "
-        "from the address, at most 30 s; a right password is answered at once (0: no wait).",
+        "Wait before answering a chat login from an address with failures: S * 2**(n-1) "
+        "for its n-th failure, and for a right password after n failures, at most 30 s; "
+        "an address with no failures is answered at once (0: no wait).",
     )
 
 
@@ -207,8 +208,9 @@ class Pop3Settings:
     auth_delay: float = option(
         1.0,
         checks.seconds,
-        "Delay before answering a failed POP3 login: S * 2**(n-1) for the n-th failure "
-        "from the host, at most 30 s; a right password is answered at once (0: no delay).",
+        "Delay before answering a POP3 login from a host with failures: S * 2**(n-1) "
+        "for its n-th failure, and for a right password after n failures, at most 30 s; "
+        "a host with no failures is answered at once (0: no delay).",
     )
 
 

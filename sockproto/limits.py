@@ -11,8 +11,9 @@
 - :class:`OutputBuffer` bounds what waits to be sent to one slow peer, and
   :class:`OutputBudget` what waits for all of a service's peers and the suite's:
   over it, the peers holding the most are dropped first.
-- :class:`FailureDelays` slows down a peer whose logins keep failing, and
-  :class:`DelayedAnswer` is how a session waits out that delay.
+- :class:`FailureDelays` slows down a peer whose logins keep failing (every
+  login answer to it waits), and :class:`DelayedAnswer` is how a session
+  waits out that delay.
 - :class:`LogBudget` bounds what a flood can write to the log.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from enum import Enum
 from operator import attrgetter
 from typing import Any
 from weakref import WeakKeyDictionary, WeakSet
@@ -1148,22 +1150,36 @@ class LogBudget:
             self._summary(counts, self.clock.seconds() - self._opened)
 
 
+class Login(Enum):
+    """What a login attempt came to, for :meth:`FailureDelays.answer_later`."""
+
+    FAILED = "failed"  # a wrong name or password: counted, then answered
+    SUCCEEDED = "succeeded"  # the right password: answered, then the count cleared
+    REFUSED = "refused"  # neither (mailbox in use, an error): the count stays
+
+
 class FailureDelays:
-    """How long the answer to a failed login is held back, per key (a peer's
+    """How long the answer to a login attempt is held back, per key (a peer's
     address): longer for one whose logins keep failing.
 
-    The answer to a key's n-th failure waits ``min(cap, base * 2**(n-1))``
-    seconds from that failure: computed from the count, never added to the
-    waits already running, so however many tries come at once, on however
-    many connections, no answer waits longer than ``cap``. Only failures wait
-    (as with Dovecot's ``auth_failure_delay``): a correct login is answered at
-    once, even from a penalized key, and clears the count. The counts are a
-    bounded table: a key forgotten ``forget`` seconds after its last failure,
-    at most ``max_keys`` kept (the least recently failed forgotten first), so
-    a flood from many addresses costs bounded memory. ``base`` 0 turns the
-    delays off.
+    A key with n failures counted has the penalty ``min(cap, base *
+    2**(n-1))`` seconds, and the answer to ANY login attempt from it waits
+    that long, as with Dovecot's auth penalty: a failure counts first (so
+    its answer waits the new penalty), a success waits the current one and
+    only then clears the count. Answering a right password at once would be
+    an oracle: a client that gets no answer within milliseconds knows its
+    guess was wrong, hangs up and tries the next, and no delay slows it. A
+    key with no failures is answered at once.
 
-    :meth:`answer_later` is the one way a session waits out the delay: a
+    Waits are computed from the count, never added to the waits already
+    running, so however many tries come at once, on however many
+    connections, no answer waits longer than ``cap``. The counts are a
+    bounded table: a key forgotten ``forget`` seconds after its last
+    failure, at most ``max_keys`` kept (the least recently failed forgotten
+    first), so a flood from many addresses costs bounded memory. ``base`` 0
+    turns the delays off.
+
+    :meth:`answer_later` is the one way a session waits out the penalty: a
     :class:`DelayedAnswer` it must cancel once its peer goes away.
     """
 
@@ -1192,6 +1208,12 @@ class FailureDelays:
         entry = self._keys.get(key)
         return 0 if entry is None else int(entry[0])
 
+    def penalty(self, key: Hashable) -> float:
+        """Seconds the answer to a login attempt from ``key`` waits now: 0
+        with no failures counted, else ``min(cap, base * 2**(n-1))``."""
+        failures = self.failures(key)
+        return min(self.cap, self.base * 2 ** (failures - 1)) if failures and self.base else 0.0
+
     def failed(self, key: Hashable) -> float:
         """Count a failure of ``key``; the seconds its answer waits."""
         if not self.base:
@@ -1204,19 +1226,31 @@ class FailureDelays:
         self._keys[key] = entry
         while len(self._keys) > self.max_keys:
             self._keys.popitem(last=False)
-        return min(self.cap, self.base * 2 ** (entry[0] - 1))
+        return self.penalty(key)
 
     def succeeded(self, key: Hashable) -> None:
         self._keys.pop(key, None)
 
-    def answer_later(self, key: Hashable, answer: Callable[[], object]) -> DelayedAnswer | None:
-        """Count a failure of ``key`` and call ``answer`` once its wait is
-        over; with no wait (``base`` 0), call it now and return None."""
-        seconds = self.failed(key)
+    def answer_later(
+        self,
+        key: Hashable,
+        outcome: Login,
+        answer: Callable[[], object],
+        release: Callable[[], object] | None = None,
+    ) -> DelayedAnswer | None:
+        """Call ``answer`` once the penalty of ``key`` is over: a failure is
+        counted first, a success clears the count just before its answer
+        (so a success whose peer hung up first clears nothing). With no
+        penalty, answer now and return None; else the session holds its
+        further commands until the answer, and cancels it if its peer goes
+        away, which calls ``release`` (what was opened for the answer)."""
+        seconds = self.failed(key) if outcome is Login.FAILED else self.penalty(key)
+        if outcome is Login.SUCCEEDED:
+            answer = _after(lambda: self.succeeded(key), answer)
         if seconds <= 0:
             answer()
             return None
-        return DelayedAnswer(self.clock, seconds, answer)
+        return DelayedAnswer(self.clock, seconds, answer, release)
 
     def _expire(self) -> None:
         keys, limit = self._keys, self.clock.seconds() - self.forget
@@ -1227,19 +1261,39 @@ class FailureDelays:
             keys.popitem(last=False)
 
 
+def _after(first: Callable[[], object], then: Callable[[], object]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        then()
+
+    return both
+
+
 class DelayedAnswer:
-    """A failed login's answer, held back for its delay.
+    """A login's answer, held back for its host's penalty (FailureDelays).
 
     The session holds its further commands meanwhile, so a client cannot try
     faster than its answers come; but it must call :meth:`cancel` as soon as
     its peer goes away (connectionLost, or the end of its input), and close:
     otherwise the connection, and its slot under the client cap, would stay
-    until an answer that no one reads.
+    until an answer that no one reads. Cancelling a wait still running calls
+    its ``release`` (POP3: closes the mailbox opened for a right password).
     """
 
-    def __init__(self, clock: IReactorTime, seconds: float, answer: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        seconds: float,
+        answer: Callable[[], object],
+        release: Callable[[], object] | None = None,
+    ) -> None:
         self.seconds = seconds
-        self._call = clock.callLater(seconds, answer)
+        self._release = release
+        self._call = clock.callLater(seconds, self._answer, answer)
+
+    def _answer(self, answer: Callable[[], object]) -> None:
+        self._release = None
+        answer()
 
     def active(self) -> bool:
         """Whether the answer still waits."""
@@ -1248,3 +1302,6 @@ class DelayedAnswer:
     def cancel(self) -> None:
         """End the wait without answering (any number of times)."""
         _cancel(self._call)
+        release, self._release = self._release, None
+        if release is not None:
+            release()

@@ -42,7 +42,14 @@ from zope.interface import implementer
 from sockproto import __version__, auth
 from sockproto.config import ConfigError, Settings
 from sockproto.endpoints import loopback_only, stream_description
-from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, DelayedAnswer, FailureDelays, peer_of
+from sockproto.limits import (
+    BoundedLineReceiver,
+    ConnectionPolicy,
+    DelayedAnswer,
+    FailureDelays,
+    Login,
+    peer_of,
+)
 from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.maildir import TMP_MAX_AGE, IMaildrop, MailboxInUseError, Maildrop, WireReader, valid_user
 from sockproto.stats import ServiceStats, Stats
@@ -175,7 +182,7 @@ class Pop3Protocol(BoundedLineReceiver):
         self.peer = "?"
         self._user: bytes | None = None
         self._sasl = False  # the next line is an AUTH PLAIN response
-        self._waiting: Any = None  # a login being checked, or the DelayedAnswer of a failed one
+        self._waiting: Any = None  # a login being checked, or the DelayedAnswer of its answer
         self._transfer: WireReader | None = None  # the RETR/TOP being sent
         self._file: Any = None
         self._output_full = False  # the transport asked us to pause
@@ -209,8 +216,8 @@ class Pop3Protocol(BoundedLineReceiver):
         # commits); they wait if a command is in progress.
         self._peer_closed = True
         if isinstance(self._waiting, DelayedAnswer):
-            # A failed login's answer waits: no one is left to read it, and
-            # waiting would keep the session, and its slot, for the delay.
+            # A login's answer waits: no one is left to read it, and waiting
+            # would keep the session, and its slot, for the delay.
             self._waiting.cancel()
             self._waiting = None
             self._close()
@@ -237,7 +244,7 @@ class Pop3Protocol(BoundedLineReceiver):
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
         if isinstance(self._waiting, DelayedAnswer):
-            self._waiting.cancel()  # a failed login's answer: no one to tell
+            self._waiting.cancel()  # a login's answer: no one to tell (its mailbox closed)
         self._end_transfer()
         if self.maildrop is not None:
             drop, self.maildrop = self.maildrop, None
@@ -258,8 +265,8 @@ class Pop3Protocol(BoundedLineReceiver):
         with the shutdown line, without an UPDATE: nothing is deleted."""
         self._shutting_down = True
         if isinstance(self._waiting, DelayedAnswer):
-            # A failed login's answer, held back: the shutdown line answers
-            # it, and says nothing about the password.
+            # A login's answer, held back: the shutdown line answers it, and
+            # says nothing about the password (a mailbox opened is closed).
             self._waiting.cancel()
             self._waiting = None
         self._update()
@@ -505,9 +512,13 @@ class Pop3Protocol(BoundedLineReceiver):
         if self._lost:
             drop.close()
             return
+        # The mailbox stays locked for the answer, and is closed if it never comes.
+        self._answer_later(Login.SUCCEEDED, user, lambda: self._welcome(drop), drop.close)
+
+    def _welcome(self, drop: Maildrop) -> None:
+        self._waiting = None
         self.maildrop = drop
         self.state = TRANSACTION
-        self.factory.failed_logins.succeeded(self._host())
         count, octets = drop.stat()
         self.service_stats.counters["logins"] += 1
         log.info(
@@ -524,13 +535,12 @@ class Pop3Protocol(BoundedLineReceiver):
         self._waiting = None
         if self._lost:
             return
+        if failure.check(UnauthorizedLogin, UnhandledCredentials):
+            return self._failed(user)
         if failure.check(MailboxInUseError):
             self.service_stats.counters["mailbox_in_use"] += 1
             log.info("pop3: {peer}: mailbox of {user} is in use", peer=self.peer, user=loggable(user))
-            self._err(b"[IN-USE] mailbox is locked by another session")
-            self._run()
-        elif failure.check(UnauthorizedLogin, UnhandledCredentials):
-            self._failed(user)
+            reply = b"[IN-USE] mailbox is locked by another session"
         elif failure.check(OSError):
             log.error(
                 "pop3: {peer}: cannot open the mailbox of {user}: {error}",
@@ -538,8 +548,7 @@ class Pop3Protocol(BoundedLineReceiver):
                 user=loggable(user),
                 error=str(failure.value),
             )
-            self._err(b"[SYS/TEMP] cannot open the mailbox")
-            self._run()
+            reply = b"[SYS/TEMP] cannot open the mailbox"
         else:
             log.failure(
                 "pop3: {peer}: cannot open the mailbox of {user}",
@@ -547,22 +556,43 @@ class Pop3Protocol(BoundedLineReceiver):
                 peer=self.peer,
                 user=loggable(user),
             )
-            self._err(b"[SYS/TEMP] cannot open the mailbox")
-            self._run()
+            reply = b"[SYS/TEMP] cannot open the mailbox"
+        # Only a right password gets here: from a penalized host, it waits too.
+        return self._answer_later(Login.REFUSED, user, lambda: self._refused(reply))
+
+    def _refused(self, reply: bytes) -> None:
+        self._waiting = None
+        self._err(reply)
+        self._run()
 
     def _failed(self, user: bytes) -> None:
-        """A wrong name or password: answer later, the later the more often
-        this host fails (FailureDelays, at most MAX_AUTH_DELAY); others are
-        served meanwhile, and so is a correct login from this host."""
-        delays = self.factory.failed_logins
+        """A wrong name or password: counted against this host."""
         self.service_stats.counters["login_failures"] += 1
+        self._answer_later(Login.FAILED, user, self._answer_failed)
+
+    def _answer_later(
+        self,
+        outcome: Login,
+        user: bytes,
+        answer: Callable[[], object],
+        release: Callable[[], object] | None = None,
+    ) -> None:
+        """Answer a login once this host's penalty is over (FailureDelays,
+        at most MAX_AUTH_DELAY, whether the password was right or not), the
+        commands after it held meanwhile; others are served. Unanswered if
+        the peer has hung up (no one would read it) or the server stops (the
+        shutdown line answers it, and says nothing about the password)."""
+        pending = self.factory.failed_logins.answer_later(self._host(), outcome, answer, release)
+        if pending is None:
+            if outcome is Login.FAILED:
+                log.info("pop3: {peer}: login failed for {user}", peer=self.peer, user=loggable(user))
+            return
         if self._shutting_down or self._peer_closed:
-            # Counted, but nothing to wait for: the shutdown line answers
-            # it, or the peer has hung up and no one would read the answer.
-            delays.failed(self._host())
+            pending.cancel()
             log.info(
-                "pop3: {peer}: login failed for {user} (not answered: {why})",
+                "pop3: {peer}: login {outcome} for {user} (not answered: {why})",
                 peer=self.peer,
+                outcome=outcome.value,
                 user=loggable(user),
                 why="shutting down" if self._shutting_down else "the client hung up",
             )
@@ -571,16 +601,15 @@ class Pop3Protocol(BoundedLineReceiver):
             else:
                 self._close()
             return
-        pending = delays.answer_later(self._host(), self._answer_failed)
         log.info(
-            "pop3: {peer}: login failed for {user} (answer delayed {delay:g} s)",
+            "pop3: {peer}: login {outcome} for {user} (answer delayed {delay:g} s)",
             peer=self.peer,
+            outcome=outcome.value,
             user=loggable(user),
-            delay=0 if pending is None else pending.seconds,
+            delay=pending.seconds,
         )
-        if pending is not None:
-            self._waiting = pending
-            self._update()
+        self._waiting = pending
+        self._update()
 
     def _host(self) -> str:
         """The key of this client's failed logins: its address."""

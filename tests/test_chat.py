@@ -797,10 +797,12 @@ class LoginTests(ChatTestCase):
         self.assertEqual(mallory.received(), ["error: login failed"])
         self.clock.advance(1.9)
         self.assertEqual(mallory.received(), [])
-        self.clock.advance(0.1)  # second failure: 2 s; the right password then waits no more
-        self.assertEqual(
-            mallory.received(), ["error: login failed", "*** welcome, alice; /help lists the commands"]
-        )
+        self.clock.advance(0.1)  # second failure: 2 s
+        self.assertEqual(mallory.received(), ["error: login failed"])
+        self.clock.advance(1.9)  # the right password waits the address's penalty too: 2 s
+        self.assertEqual(mallory.received(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(mallory.received(), ["*** welcome, alice; /help lists the commands"])
         self.assertEqual(mallory.transport.producerState, "producing")
         self.assertEqual(self.stats.counters["login_failed"], 2)
 
@@ -850,17 +852,54 @@ class LoginTests(ChatTestCase):
         guest.lose(ConnectionLost)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_right_password_from_a_penalized_address_is_answered_at_once(self) -> None:
-        # 40 wrong logins at once from one address made the right one wait
-        # for all their queued waits (over 1000 s).
+    def test_right_password_from_a_penalized_address_waits_within_the_cap(self) -> None:
+        # Answered at once while a wrong one waits, it told a guesser within
+        # milliseconds that its guess was wrong: hang up, try the next. (And
+        # before that, 40 wrong logins at once made it wait over 1000 s.)
         for _ in range(40):
             self.connect("10.0.0.1").send("/login alice nope")
         self.clock.advance(0.4)
         alice = self.connect("10.0.0.1")
         alice.received()
-        alice.send("/login alice secret")
-        self.assertEqual(alice.received(), ["*** welcome, alice; /help lists the commands"])
+        alice.send("/login alice secret", "/who")
+        self.clock.advance(chat.LOGIN_DELAY_CAP - 0.5)
+        self.assertEqual(alice.received(), [])  # nor is /who answered before it
+        self.assertEqual(self.chat_factory.login_delays.failures("10.0.0.1"), 40)
+        self.clock.advance(0.5)
+        self.assertEqual(alice.received()[0], "*** welcome, alice; /help lists the commands")
         self.assertEqual(self.chat_factory.login_delays.failures("10.0.0.1"), 0)  # it starts afresh
+
+    def test_right_password_waits_the_current_penalty_and_from_a_clean_address_none(self) -> None:
+        for _ in range(3):
+            self.connect("10.0.0.1").send("/login alice nope")
+        clean = self.connect("10.0.0.2")
+        clean.received()
+        clean.send("/login bob pass word")
+        self.assertEqual(clean.received(), ["*** welcome, bob; /help lists the commands"])  # at once
+        alice = self.connect("10.0.0.1")
+        alice.received()
+        alice.send("/login alice secret")
+        self.clock.advance(3.9)  # 1 s * 2**(3-1): the count is not raised
+        self.assertEqual(alice.received(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(alice.received(), ["*** welcome, alice; /help lists the commands"])
+
+    def test_hang_up_while_a_right_password_waits_frees_the_slot(self) -> None:
+        guess = self.connect()
+        guess.send("/login alice nope")
+        guess.lose()
+        guest = self.connect()
+        guest.received()
+        guest.send("/login alice secret")
+        self.assertEqual(len(self.factory.protocols), 1)
+        guest.protocol.readConnectionLost()  # the client hangs up: EOF
+        self.assertTrue(guest.transport.disconnecting)  # at once, not after the wait
+        self.assertEqual(guest.received(), [])  # nothing said about the password
+        guest.lose()
+        self.assertEqual((len(self.factory.protocols), self.stats.current), (0, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.chat_factory.login_delays.failures("127.0.0.1"), 1)  # not cleared
+        self.assertEqual(self.chat_factory.room.members, {})  # never joined
 
     def test_no_failed_login_waits_longer_than_the_cap(self) -> None:
         guesses = [self.connect("10.0.0.1") for _ in range(40)]

@@ -268,7 +268,9 @@ class LoginEndToEndTests(SynchronousTestCase):
             started = time.monotonic()
             sock.sendall(b"/login alice wrong\n/login alice secret\nhi\n")
             answers = recv_until(sock, lambda d: line_count(d) >= 2)
-            self.assertGreaterEqual(time.monotonic() - started, 0.3)
+            # 0.3 s for the failure, then 0.3 s more for the right password:
+            # from an address with failures, every answer waits its penalty.
+            self.assertGreaterEqual(time.monotonic() - started, 0.6)
             self.assertEqual(
                 answers, b"error: login failed\r\n*** welcome, alice; /help lists the commands\r\n"
             )
@@ -276,23 +278,35 @@ class LoginEndToEndTests(SynchronousTestCase):
         self.assertFalse(suite.saw("secret"))
         self.assertFalse(suite.saw("wrong"))
 
-    def test_right_password_after_40_wrong_ones_is_answered_within_the_cap(self) -> None:
+    def test_right_password_after_wrong_ones_waits_the_penalty_within_the_cap(self) -> None:
         """40 wrong logins at once from one address made the right one wait
-        for all their queued waits (some 18 minutes)."""
-        suite = chat_suite(self, "--chat-auth", "--auth", "memory:alice:secret")
-        for _ in range(40):
+        for all their queued waits (some 18 minutes); then it was answered at
+        once, which told a guesser to hang up and try the next. Now it waits
+        the address's penalty: 0.25 s * 2**(4-1) after 4 failures."""
+        suite = chat_suite(self, "--chat-auth", "--auth", "memory:alice:secret", "--chat-login-delay", "0.25")
+        for _ in range(4):
             sock = suite.connect("chat")
             self.addCleanup(sock.close)
             recv_until(sock, lambda d: d.endswith(b"\n"))
             sock.sendall(b"/login alice wrong\n")
-        wait_for(lambda: suite.output.count("failed to log in as alice") >= 40, what="40 failed logins")
+        wait_for(lambda: suite.output.count("failed to log in as alice") >= 4, what="4 failed logins")
         with suite.connect("chat") as sock:
             recv_until(sock, lambda d: d.endswith(b"\n"))
             started = time.monotonic()
             sock.sendall(b"/login alice secret\n")
             answer = recv_until(sock, lambda d: d.endswith(b"\n"), timeout=LOGIN_DELAY_CAP)
-            self.assertLess(time.monotonic() - started, LOGIN_DELAY_CAP)  # at once, in fact
+            waited = time.monotonic() - started
             self.assertEqual(answer, b"*** welcome, alice; /help lists the commands\r\n")
+            self.assertGreaterEqual(waited, 2.0)
+            self.assertLess(waited, LOGIN_DELAY_CAP)
+        suite.wait_log("left: EOF")
+        with suite.connect("chat") as sock:  # the count was cleared: no wait now
+            recv_until(sock, lambda d: d.endswith(b"\n"))
+            started = time.monotonic()
+            sock.sendall(b"/login alice secret\n")
+            answer = recv_until(sock, lambda d: d.endswith(b"\n"))
+            self.assertEqual(answer, b"*** welcome, alice; /help lists the commands\r\n")
+            self.assertLess(time.monotonic() - started, 2.0)
 
     def test_hang_ups_while_failed_answers_wait_free_their_slots(self) -> None:
         """With a 10 s wait, a newcomer must get in well before the first

@@ -19,6 +19,7 @@ from sockproto.limits import (
     ConnectionPolicy,
     FailureDelays,
     GuardedFactory,
+    Login,
     OutputBudget,
     OutputBuffer,
     suite_output,
@@ -276,13 +277,13 @@ class FailureDelaysTests(SynchronousTestCase):
         self.assertEqual([delays.failed("a") for _ in range(10)], [0] * 10)
         self.assertEqual((delays.failures("a"), len(delays)), (0, 0))
         answers: list[str] = []
-        self.assertIsNone(delays.answer_later("a", lambda: answers.append("now")))
+        self.assertIsNone(delays.answer_later("a", Login.FAILED, lambda: answers.append("now")))
         self.assertEqual(answers, ["now"])
 
     def test_answer_later_waits_and_can_be_cancelled(self) -> None:
         answers: list[int] = []
-        first = self.delays.answer_later("a", lambda: answers.append(1))
-        second = self.delays.answer_later("a", lambda: answers.append(2))
+        first = self.delays.answer_later("a", Login.FAILED, lambda: answers.append(1))
+        second = self.delays.answer_later("a", Login.FAILED, lambda: answers.append(2))
         assert first is not None and second is not None
         self.assertEqual((first.seconds, second.seconds), (1, 2))
         second.cancel()  # its peer went away
@@ -293,6 +294,56 @@ class FailureDelaysTests(SynchronousTestCase):
         first.cancel()  # answered already: nothing to do
         self.clock.advance(10)
         self.assertEqual((answers, self.clock.getDelayedCalls()), ([1], []))
+
+    def test_any_answer_to_a_penalized_key_waits_its_penalty(self) -> None:
+        # Dovecot's auth penalty: a right password answered at once, while a
+        # wrong one waits, tells the guesser to hang up and try the next.
+        answers: list[str] = []
+        self.assertIsNone(self.delays.answer_later("a", Login.SUCCEEDED, lambda: answers.append("clean")))
+        self.assertEqual(answers, ["clean"])  # no failures: at once
+        for _ in range(3):
+            self.delays.failed("a")
+        self.assertEqual(self.delays.penalty("a"), 4)
+        right = self.delays.answer_later("a", Login.SUCCEEDED, lambda: answers.append("right"))
+        refused = self.delays.answer_later("a", Login.REFUSED, lambda: answers.append("in use"))
+        assert right is not None and refused is not None
+        self.assertEqual((right.seconds, refused.seconds), (4, 4))  # the current penalty
+        self.assertEqual(self.delays.failures("a"), 3)  # no increment, not cleared yet
+        self.clock.advance(3.9)
+        self.assertEqual(answers, ["clean"])
+        self.clock.advance(0.1)
+        self.assertEqual(answers, ["clean", "right", "in use"])
+        self.assertEqual(self.delays.failures("a"), 0)  # cleared once answered
+        self.assertEqual(self.delays.penalty("b"), 0)
+
+    def test_a_success_waits_at_most_the_cap(self) -> None:
+        for _ in range(5000):
+            self.delays.failed("a")
+        right = self.delays.answer_later("a", Login.SUCCEEDED, lambda: None)
+        assert right is not None
+        self.assertEqual(right.seconds, 8)
+
+    def test_cancelled_success_releases_and_clears_nothing(self) -> None:
+        released: list[str] = []
+        self.delays.failed("a")
+        right = self.delays.answer_later(
+            "a", Login.SUCCEEDED, lambda: released.append("answered"), lambda: released.append("released")
+        )
+        assert right is not None
+        right.cancel()  # its peer hung up
+        right.cancel()
+        self.assertEqual(released, ["released"])
+        self.clock.advance(10)
+        self.assertEqual((released, self.clock.getDelayedCalls()), (["released"], []))
+        # The guesser learns nothing from the next penalty either.
+        self.assertEqual(self.delays.failures("a"), 1)
+        answered = self.delays.answer_later(
+            "a", Login.SUCCEEDED, lambda: None, lambda: released.append("late")
+        )
+        assert answered is not None
+        self.clock.advance(1)
+        answered.cancel()  # answered already: nothing to release
+        self.assertEqual(released, ["released"])
 
 
 class Farewell(Protocol):

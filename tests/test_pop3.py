@@ -284,9 +284,11 @@ class LoginTests(SynchronousTestCase):
         self.client.send(b"USER alice\r\nPASS wrong\r\nUSER alice\r\nPASS secret\r\nSTAT\r\n")
         self.server.clock.advance(1)
         self.assertEqual(
-            self.client.take(),
-            b"-ERR [AUTH] invalid user name or password\r\n+OK send PASS\r\n"
-            b"+OK alice's maildrop has 1 messages (23 octets)\r\n+OK 1 23\r\n",
+            self.client.take(), b"-ERR [AUTH] invalid user name or password\r\n+OK send PASS\r\n"
+        )
+        self.server.clock.advance(1)  # the right password waits the host's penalty too
+        self.assertEqual(
+            self.client.take(), b"+OK alice's maildrop has 1 messages (23 octets)\r\n+OK 1 23\r\n"
         )
 
     def test_disconnect_while_the_answer_is_delayed(self) -> None:
@@ -710,6 +712,23 @@ class FlowControlTests(SynchronousTestCase):
             if call.func == client.protocol._answer_failed
         ]
         self.assertEqual(answers, [])
+
+    def test_server_stop_answers_a_held_back_right_login(self) -> None:
+        server = Server(self)
+        failed = server.connect()
+        failed.login(b"bob", b"wrong")
+        failed.lose()
+        client = server.connect()
+        client.guard.dataReceived(b"USER bob\r\nPASS hunter2\r\nSTAT\r\n")
+        self.assertEqual(client.take(), b"+OK send PASS\r\n")  # the +OK waits the penalty
+        pending = client.protocol._waiting
+        server.guarded.server_stopping()
+        # Nothing said about the password; the mailbox opened for it is closed.
+        self.assertEqual(client.take(), b"-ERR [SYS/TEMP] server shutting down\r\n")
+        self.assertTrue(client.closed)
+        self.assertIsNone(client.protocol.maildrop)
+        self.assertEqual((client.protocol._waiting, pending.active()), (None, False))
+        Maildrop.open(server.root, "bob").close()  # not locked
 
     def test_server_stop_lets_a_login_being_checked_finish(self) -> None:
         slow = SlowChecker()

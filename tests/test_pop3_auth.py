@@ -231,7 +231,9 @@ class FailedLoginThrottleTests(SynchronousTestCase):
         self.assertEqual(self.server.clock.getDelayedCalls(), [])
         fresh = self.server.connect()  # the slots are free: a session, not the overflow line
         self.assertTrue(fresh.greeting.startswith(b"+OK sockproto POP3 server ready"))
-        self.assertIn(b"+OK alice's maildrop", fresh.login())
+        self.assertEqual(fresh.login(), b"+OK send PASS\r\n")
+        self.server.clock.advance(MAX_AUTH_DELAY)  # the penalty, right password or not
+        self.assertIn(b"+OK alice's maildrop", fresh.take())
 
     def test_hang_up_while_the_login_is_checked(self) -> None:
         checker = SlowChecker()
@@ -268,9 +270,101 @@ class FailedLoginThrottleTests(SynchronousTestCase):
         self.server.clock.advance(0.5)
         self.assertEqual(last.take(), self.WRONG)
 
-    def test_right_password_from_a_penalized_host_is_answered_at_once(self) -> None:
-        for _ in range(9):
-            self.server.connect().login(b"alice", b"wrong")
+    def fail(self, times: int, host: str = "10.0.0.1") -> None:
+        for _ in range(times):
+            guess = self.server.connect(host)
+            guess.login(b"alice", b"wrong")
+            guess.lose()
+
+    def test_right_password_from_a_penalized_host_waits_its_penalty(self) -> None:
+        # Answered at once while a wrong one waits, it told a guesser within
+        # milliseconds that its guess was wrong: hang up, try the next.
+        self.fail(3)
         client = self.server.connect()
-        self.assertIn(b"+OK alice's maildrop has 0 messages", client.login())
+        # Pipelined: STAT waits behind the held-back answer.
+        self.assertEqual(client.send(b"USER alice\r\nPASS secret\r\nSTAT\r\n"), b"+OK send PASS\r\n")
+        self.server.clock.advance(3.9)  # 1 s * 2**(3-1), no increment
+        self.assertEqual(client.take(), b"")
+        self.assertEqual(self.server.factory.failed_logins.failures("10.0.0.1"), 3)
+        self.server.clock.advance(0.1)
+        self.assertEqual(client.take(), b"+OK alice's maildrop has 0 messages (0 octets)\r\n+OK 0 0\r\n")
         self.assertEqual(self.server.factory.failed_logins.failures("10.0.0.1"), 0)  # it starts afresh
+        client.send(b"QUIT\r\n")
+        again = self.server.connect()
+        self.assertIn(b"+OK alice's maildrop", again.login())  # at once, now
+
+    def test_right_password_from_a_clean_host_is_answered_at_once(self) -> None:
+        self.fail(3)  # from another host
+        client = self.server.connect("10.0.0.2")
+        self.assertIn(b"+OK alice's maildrop has 0 messages", client.login())
+
+    def test_right_password_waits_at_most_the_cap(self) -> None:
+        self.fail(200)  # however many failed before
+        client = self.server.connect()
+        self.assertEqual(client.login(), b"+OK send PASS\r\n")
+        self.server.clock.advance(MAX_AUTH_DELAY - 0.5)
+        self.assertEqual(client.take(), b"")
+        self.server.clock.advance(0.5)
+        self.assertIn(b"+OK alice's maildrop", client.take())
+
+    def test_mailbox_in_use_from_a_penalized_host_waits_too(self) -> None:
+        # The right password, refused for the lock: at once, it was an oracle too.
+        holder = self.server.connect("10.0.0.2")
+        self.assertIn(b"+OK alice's maildrop", holder.login())
+        self.fail(2)
+        client = self.server.connect()
+        self.assertEqual(client.login(), b"+OK send PASS\r\n")
+        self.server.clock.advance(1.9)
+        self.assertEqual(client.take(), b"")
+        self.server.clock.advance(0.1)
+        self.assertEqual(client.take(), b"-ERR [IN-USE] mailbox is locked by another session\r\n")
+        self.assertEqual(self.server.factory.failed_logins.failures("10.0.0.1"), 2)
+
+    def assert_released(self, client: Any, checker: SlowChecker | None = None) -> None:
+        """The session is gone at once, unanswered, and the mailbox it had
+        opened is free; nothing was cleared for the guesser to see."""
+        self.assertEqual(client.take(), b"")
+        client.lose()
+        self.assertEqual((len(self.server.guarded.protocols), self.server.stats.current), (0, 0))
+        self.assertEqual(self.server.clock.getDelayedCalls(), [])
+        self.assertEqual(self.server.factory.failed_logins.failures("10.0.0.1"), 2)
+        other = self.server.connect("10.0.0.2")
+        answer = other.login()
+        if checker is not None:
+            checker.pending.callback(b"alice")
+            answer += other.take()
+        self.assertIn(b"+OK alice's maildrop", answer)  # not -ERR [IN-USE]
+
+    def test_hang_up_while_a_right_password_waits_frees_the_slot_and_mailbox(self) -> None:
+        self.fail(2)
+        client = self.server.connect()
+        self.assertEqual(client.login(), b"+OK send PASS\r\n")
+        locked = self.server.connect("10.0.0.2")
+        self.assertIn(b"-ERR [IN-USE]", locked.login())  # held for the answer
+        locked.lose()
+        client.guard.readConnectionLost()  # the client hangs up: EOF
+        self.assertTrue(client.closed)  # at once, not after the wait
+        self.assert_released(client)
+
+    def test_reset_while_a_right_password_waits_frees_the_mailbox(self) -> None:
+        self.fail(2)
+        client = self.server.connect()
+        client.login()
+        client.lose()  # a reset: connectionLost without EOF
+        self.assert_released(client)
+
+    def test_hang_up_while_the_right_password_is_checked(self) -> None:
+        checker = SlowChecker()
+        self.server = Server(self, checkers=[checker])
+        for _ in range(2):
+            guess = self.server.connect()
+            guess.login(b"alice", b"wrong")
+            checker.pending.errback(UnauthorizedLogin())
+            guess.lose()
+        client = self.server.connect()
+        client.login(b"alice", b"secret")
+        client.guard.readConnectionLost()
+        self.assertFalse(client.closed)  # the check is in progress
+        checker.pending.callback(b"alice")
+        self.assertTrue(client.closed)  # the mailbox opened, then closed: no answer
+        self.assert_released(client, checker)

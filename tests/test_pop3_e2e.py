@@ -156,17 +156,22 @@ class Pop3EndToEndTests(SynchronousTestCase):
         apop.quit()
 
     def test_failed_login_is_delayed_while_others_are_served(self) -> None:
-        """The good login is served while the failed one waits out setUp's 3 s delay."""
+        """The good login from another host (127.0.0.2, still loopback) is
+        served while the failed one waits out setUp's 3 s delay. (From the
+        failing host itself, a good login waits its penalty too.)"""
         slow = self.suite.connect("pop3")
         self.addCleanup(slow.close)
         recv_until(slow, lambda d: d.endswith(b"\r\n"))
         started = time.monotonic()
         slow.sendall(b"USER alice\r\nPASS wrong\r\n")
         self.suite.wait_log("login failed for alice (answer delayed 3 s)")
-        fast = self.client()
-        fast.user("alice")
-        self.assertTrue(fast.pass_("secret").startswith(b"+OK"))
-        fast.quit()
+        with socket.create_connection(
+            self.suite.address("pop3"), timeout=20, source_address=("127.0.0.2", 0)
+        ) as fast:
+            recv_until(fast, lambda d: d.endswith(b"\r\n"))
+            fast.sendall(b"USER alice\r\nPASS secret\r\nQUIT\r\n")
+            served = recv_until(fast, lambda d: d.count(b"\r\n") >= 3, timeout=2.5)
+            self.assertTrue(served.startswith(b"+OK send PASS\r\n+OK alice's maildrop"), served)
         slow.setblocking(False)
         try:
             early = slow.recv(4096)
@@ -481,7 +486,8 @@ class FailedLoginFloodEndToEndTests(SynchronousTestCase):
         """120 wrong logins that hang up at once held all 100 sessions until
         their answers, queued for minutes: every user got 'too many sessions'.
         With a 10 s delay, a fresh session from the same address must come
-        well before the first answer would have been due."""
+        well before the first answer would have been due; its right password
+        then waits the penalty (the cap here), no longer."""
         box = Box(self)
         suite = start(self, box, "--pop3-auth-delay", "10")
         for _ in range(120):
@@ -501,8 +507,16 @@ class FailedLoginFloodEndToEndTests(SynchronousTestCase):
             return None
 
         sock = wait_for(session, timeout=8, what="a POP3 session after the hang-ups")
+        # The right password from there waits the host's penalty too (answered
+        # at once, it told a guesser to hang up and try the next), but no
+        # longer than the cap, however many failed before.
         started = time.monotonic()
-        sock.sendall(b"USER bob\r\nPASS builder\r\n")
-        answer = recv_until(sock, lambda d: d.count(b"\r\n") >= 2, timeout=MAX_AUTH_DELAY)
-        self.assertLess(time.monotonic() - started, MAX_AUTH_DELAY)  # answered at once, in fact
-        self.assertTrue(answer.startswith(b"+OK send PASS\r\n+OK bob's maildrop"), answer)
+        sock.sendall(b"USER bob\r\nPASS builder\r\nSTAT\r\n")
+        self.assertEqual(recv_until(sock, lambda d: d.endswith(b"\r\n")), b"+OK send PASS\r\n")
+        answer = recv_until(sock, lambda d: d.count(b"\r\n") >= 2, timeout=MAX_AUTH_DELAY + 10)
+        waited = time.monotonic() - started
+        self.assertTrue(answer.startswith(b"+OK bob's maildrop"), answer)
+        self.assertTrue(answer.endswith(b"\r\n+OK 0 0\r\n"), answer)  # STAT waited behind it
+        self.assertGreaterEqual(waited, MAX_AUTH_DELAY - 0.5)
+        self.assertLess(waited, MAX_AUTH_DELAY + 5)
+        suite.wait_log(f"login succeeded for bob (answer delayed {MAX_AUTH_DELAY:g} s)")
