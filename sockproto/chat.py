@@ -571,7 +571,7 @@ class ChatProtocol(BoundedLineReceiver):
 
     def output_dropped(self) -> None:
         """The guard drops this client: it holds the most output while the
-        room's (--chat-max-output) or the suite's (--max-output) is spent."""
+        room's (--chat-max-output) or the suite's (--suite-max-output) is spent."""
         self.service_stats.counters["dropped_slow"] += 1
         self._depart("too slow")
         self.output.discard()

@@ -64,7 +64,7 @@ class SuiteSettings:
         "Connections refused over a --max-clients cap logged one line each per second, RATE[/BURST]; "
         "the rest are summed up (0: all).",
     )
-    max_output: int = option(
+    suite_max_output: int = option(
         256 * 1024 * 1024,
         checks.byte_size,
         "Output held for clients that have not read it, all services of a process together; over it "
@@ -105,7 +105,7 @@ class ChatSettings:
         128 * 1024 * 1024,
         checks.byte_size,
         "Output held for all chat clients together; over it the clients holding the most are dropped "
-        "first (0: only --max-output).",
+        "first (0: only --suite-max-output).",
     )
     rate: tuple[float, float] = option(
         (20.0, 40.0), checks.rate, "Lines per second a chat client may send, RATE[/BURST] (0: off)."
@@ -175,7 +175,7 @@ class HttpSettings:
         128 * 1024 * 1024,
         checks.byte_size,
         "Output held for all HTTP clients together; over it the clients holding the most are dropped "
-        "first (0: only --max-output).",
+        "first (0: only --suite-max-output).",
     )
     linger_time: float = option(
         5.0,

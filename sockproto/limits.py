@@ -1004,7 +1004,7 @@ class OutputBudget:
         parent: OutputBudget | None = None,
         *,
         what: str = "the suite's clients",
-        option: str = "--max-output",
+        option: str = "--suite-max-output",
         limit_name: str = "suite_max_output",
     ) -> None:
         self.limit = limit

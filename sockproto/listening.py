@@ -138,7 +138,7 @@ def stream_listener(
         )
     from twisted.internet.endpoints import serverFromString
 
-    policy = replace(policy, refusal_log_rate=suite.refusal_log_rate, suite_max_output=suite.max_output)
+    policy = replace(policy, refusal_log_rate=suite.refusal_log_rate, suite_max_output=suite.suite_max_output)
     guarded = GuardedFactory(factory, policy, stats, reactor)
     endpoint = serverFromString(reactor, with_backlog(description))
     return Listener(

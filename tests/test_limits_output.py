@@ -174,7 +174,7 @@ class OutputBudgetTests(SynchronousTestCase):
             [formatEvent(e) for e in events],
             [
                 "http: dropping 127.0.0.1:2: 3000 bytes of output unread, the most while the suite's clients"
-                " held over 5000 bytes (--max-output)"
+                " held over 5000 bytes (--suite-max-output)"
             ],
         )
 
