@@ -765,6 +765,18 @@ class MalformedRequestTests(SynchronousTestCase):
         for kept in (b"/ip", b"*", b"http:/ip", b"http://h\xff/ip", b"ftp://h/ip"):
             self.assertEqual(http.origin_form(kept), kept)
 
+    def test_origin_form_target_skips_the_regex(self) -> None:
+        # Regression (review): every request target went through the
+        # absolute-form regex; one starting with "/" (almost all, and the
+        # benchmarked /) is returned as it is.
+        class Unused:
+            def match(self, target: bytes) -> None:
+                raise AssertionError(f"regex run on {target!r}")
+
+        self.patch(http, "ABSOLUTE_FORM", Unused())
+        for target in (b"/", b"/ip?x=1", b"//h/x"):
+            self.assertEqual(http.origin_form(target), target)
+
     def test_folded_header_refused(self) -> None:
         # Regression: twisted.web joined a line starting with SP/HT to the
         # header before it (obs-fold); a proxy that reads it as a header of
