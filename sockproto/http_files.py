@@ -20,6 +20,7 @@ content types are twisted.web's.
 
 from __future__ import annotations
 
+import errno
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +35,7 @@ from twisted.web.http import datetimeToString, stringToDatetime
 from zope.interface import implementer
 
 from sockproto.files import RefusedPathError, Tree
+from sockproto.limits import peer_of
 from sockproto.text import loggable
 
 with warnings.catch_warnings():
@@ -81,6 +83,36 @@ def method_not_allowed(allowed: tuple[bytes, ...]) -> PlainPage:
 NOT_FOUND = PlainPage(404, "not found\n")
 FILES_OFF = PlainPage(404, "not found: static files are off (start sockproto with --http-root DIR)\n")
 LISTING_OFF = PlainPage(403, "forbidden: folder listings are off (start sockproto with --http-listing)\n")
+FORBIDDEN = PlainPage(403, "forbidden\n")
+# The server, not the path, failed (out of descriptors or memory): a 404 would
+# be cached by proxies, and the file is there; try again in a second.
+UNAVAILABLE = PlainPage(503, "service unavailable: try again shortly\n", {b"retry-after": b"1"})
+
+# The errors that mean the path names nothing served: 404. Any other OSError
+# (EMFILE, ENFILE, ENOMEM, EIO...) is the server's trouble, not the path's.
+ABSENT = frozenset((errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG))
+
+
+def is_absent(error: OSError) -> bool:
+    """Whether opening a path failed because it names nothing that is served."""
+    return isinstance(error, RefusedPathError) or error.errno in ABSENT
+
+
+def failure_page(error: OSError, request: Any, path: str) -> resource.Resource:
+    """The answer to a path that could not be opened: 404 when nothing is
+    there, 403 when it may not be read, else 503 with one log line (with the
+    peer, so the log filter budgets a flood of them)."""
+    if is_absent(error):
+        return NOT_FOUND
+    if isinstance(error, PermissionError):
+        return FORBIDDEN
+    log.warn(
+        "http: 503 to {peer}: {path} could not be opened: {error}",
+        peer=peer_of(getattr(getattr(request, "channel", None), "transport", None)),
+        path=loggable(path),
+        error=os.strerror(error.errno) if error.errno else type(error).__name__,
+    )
+    return UNAVAILABLE
 
 
 def is_hidden(name: bytes) -> bool:
@@ -366,7 +398,7 @@ class SafeFile(static.File):
     """
 
     childNotFound = NOT_FOUND
-    forbidden = PlainPage(403, "forbidden\n")
+    forbidden = FORBIDDEN
     contentTypes = CONTENT_TYPES
     # Only real index pages: twisted.web's list adds "index" and "index.rpy".
     indexNames = ["index.html", "index.htm"]
@@ -389,11 +421,16 @@ class SafeFile(static.File):
 
     def servable(self, path: str) -> bool:
         """A regular file or a folder that :class:`Tree` reaches inside the root:
-        no link out of it, nothing hidden on the way, not a FIFO, socket or device."""
+        no link out of it, nothing hidden on the way, not a FIFO, socket or device.
+
+        Raises any other OSError (the server out of descriptors: EMFILE): that
+        is no answer about the path, and must not become a 404."""
         try:
             self.tree.stat(self.tree.relative(path))
-        except OSError:
-            return False
+        except OSError as error:
+            if is_absent(error):
+                return False
+            raise
         return True
 
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
@@ -408,9 +445,14 @@ class SafeFile(static.File):
         except UnicodeDecodeError:
             # static.File would log this client mistake with a traceback.
             return self.childNotFound
-        child = super().getChild(path, request)
-        if isinstance(child, static.File) and not self.servable(child.path):
-            return self.childNotFound
+        try:
+            child = super().getChild(path, request)  # a folder's listing checks its names
+            if isinstance(child, static.File) and not self.servable(child.path):
+                return self.childNotFound
+        except OSError as error:
+            return failure_page(
+                error, request, self.tree.relative(os.path.join(self.path, os.fsdecode(path)))
+            )
         return child
 
     def getFileSize(self) -> int:
@@ -425,12 +467,8 @@ class SafeFile(static.File):
             file, info = self.tree.open_file(self.tree.relative(self.path))
         except IsADirectoryError:
             return self.redirect(request)
-        except RefusedPathError:
-            return self.childNotFound.render(request)
-        except PermissionError:
-            return self.forbidden.render(request)
-        except OSError:  # gone, or swapped for something else since getChild
-            return self.childNotFound.render(request)
+        except OSError as error:  # gone, swapped since getChild, or no descriptor left
+            return failure_page(error, request, self.tree.relative(self.path)).render(request)
         self.size = info.st_size
         if self.type is None:
             self.type, self.encoding = static.getTypeAndEncoding(
@@ -528,8 +566,14 @@ class SafeFile(static.File):
         return [
             name
             for name in super().listNames()
-            if not name.startswith(".") and self.servable(os.path.join(self.path, name))
+            if not name.startswith(".") and self._listable(os.path.join(self.path, name))
         ]
+
+    def _listable(self, path: str) -> bool:
+        try:
+            return self.servable(path)
+        except PermissionError:
+            return False  # one name out of reach is left out, not the listing refused
 
     def createSimilarFile(self, path: str) -> SafeFile:
         return SafeFile(path, self.root, self.listing, self.tree)

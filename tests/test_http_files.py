@@ -7,7 +7,9 @@ tests serve files with curl too.
 
 from __future__ import annotations
 
+import errno
 import os
+from collections.abc import Callable
 from io import BytesIO
 from types import SimpleNamespace
 from typing import Any
@@ -15,12 +17,12 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.internet import _producer_helpers
 from twisted.internet.task import Cooperator
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 from twisted.web.http import datetimeToString
 
-from sockproto import checks, http
+from sockproto import checks, files, http
 from sockproto.config import HttpSettings
 from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, MultipartProducer, RangeProducer, SafeFile
 from sockproto.stats import Stats
@@ -305,6 +307,56 @@ class RenderTests(SynchronousTestCase):
         self.assertIn(b'href="dir%FF/"', response.body)
         self.assertIn(b'href="a.txt"', response.body)
         self.assertIn("caf\u00e9.txt".encode(), response.body)  # UTF-8 names as they are
+
+
+class OutOfDescriptorsTests(SynchronousTestCase):
+    """Regression (review): with RLIMIT_NOFILE exhausted, Tree's os.open of the
+    root raised EMFILE and every existing file answered 404 (cacheable by a
+    proxy), with no log line. A 503 with Retry-After, and one line."""
+
+    def setUp(self) -> None:
+        self.top = make_tree(self)
+        self.http = Harness(self, root=os.path.join(self.top, "root"), listing=True)
+
+    def out_of_descriptors(self, when: Callable[[int], bool]) -> None:
+        """Make sockproto.files' os.open fail with EMFILE for the flags ``when`` picks."""
+        real_open = os.open
+
+        def open_or_fail(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if when(flags):
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), path)
+            return real_open(path, flags, *args, **kwargs)
+
+        self.patch(files.os, "open", open_or_fail)
+
+    def assert_unavailable(self, target: str) -> None:
+        with capturedLogs() as events:
+            response = self.http.get(target)
+        self.assertEqual(
+            (response.status, response.header(b"retry-after"), response.body),
+            (503, b"1", b"service unavailable: try again shortly\n"),
+            target,
+        )
+        lines = [formatEvent(event) for event in events]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("peer", events[0])
+        self.assertIn("503 to 127.0.0.1:40000: ", lines[0])
+        self.assertIn("Too many open files", lines[0])
+
+    def test_no_descriptor_for_the_walk(self) -> None:
+        self.out_of_descriptors(lambda flags: True)
+        for target in ("/files/a.txt", "/files/sub/b.txt", "/files/", "/files/sub/"):
+            self.assert_unavailable(target)
+
+    def test_no_descriptor_to_read_the_file(self) -> None:
+        # The walk (in getChild) succeeds; the open for reading (in render) fails.
+        self.out_of_descriptors(lambda flags: flags == files._READ)
+        self.assert_unavailable("/files/a.txt")
+
+    def test_what_is_not_there_is_still_404(self) -> None:
+        self.out_of_descriptors(lambda flags: flags == files._READ)
+        for target in ("/files/missing.txt", "/files/a.txt/more", "/files/fifo", "/files/link_out"):
+            self.assertEqual(self.http.get(target).status, 404, target)
 
 
 class MultipartProducerTests(SynchronousTestCase):
