@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from html import escape
@@ -356,6 +357,23 @@ def http_date(value: bytes) -> int | None:
         return None
 
 
+# The wall clock a file's mtime is compared with (a module attribute: tests set it).
+now_ns: Callable[[], int] = time.time_ns
+
+
+def strong_date(info: os.stat_result, now: int) -> int | None:
+    """The file's Last-Modified in seconds if it is a strong validator, else None.
+
+    RFC 9110 sec. 8.8.2.2: a date is strong only if the file was last changed
+    at least a second before now (the response's Date): a file rewritten twice
+    within one second keeps its date, so a date that young may stand for
+    either version, and a range of one must not be spliced onto the other.
+    """
+    if now - info.st_mtime_ns < 1_000_000_000:
+        return None
+    return info.st_mtime_ns // 1_000_000_000
+
+
 def _opaque(tag: bytes) -> bytes:
     return tag[2:] if tag.startswith(b"W/") else tag
 
@@ -363,7 +381,8 @@ def _opaque(tag: bytes) -> bytes:
 def not_modified(request: Any, etag: bytes, modified: int) -> bool:
     """Whether a GET or HEAD gets 304 (RFC 9110 sec. 13.2.2): If-None-Match,
     compared weakly, and only without it If-Modified-Since, at the one-second
-    resolution of HTTP dates."""
+    resolution of HTTP dates, at any age of the file (as nginx and Apache: a
+    weak comparison, and a 304 keeps a whole copy, never a spliced one)."""
     if request.method not in (b"GET", b"HEAD"):
         return False
     none_match = request.getHeader(b"if-none-match")
@@ -375,10 +394,11 @@ def not_modified(request: Any, etag: bytes, modified: int) -> bool:
     return when is not None and modified <= when
 
 
-def range_still_fits(request: Any, etag: bytes, modified: int) -> bool:
+def range_still_fits(request: Any, etag: bytes, modified: int | None) -> bool:
     """``If-Range`` (RFC 9110 sec. 13.1.5): a Range is for the file the client
     has part of, named by its ETag (compared strongly: a weak tag never matches)
-    or its exact Last-Modified date. If the file changed, the whole file is the
+    or its exact Last-Modified date while that is a strong validator (see
+    :func:`strong_date`). If the file changed, the whole file is the
     answer, not a piece of the new one spliced onto the old."""
     header = request.getHeader(b"if-range")
     if header is None:
@@ -386,7 +406,7 @@ def range_still_fits(request: Any, etag: bytes, modified: int) -> bool:
     header = header.strip()
     if header.startswith((b'"', b"W/")):
         return header == etag
-    return http_date(header) == modified
+    return modified is not None and http_date(header) == modified
 
 
 class SafeFile(static.File):
@@ -489,7 +509,7 @@ class SafeFile(static.File):
             self._setContentHeaders(request)
             file.close()
             return b""
-        if not range_still_fits(request, etag, modified):
+        if not range_still_fits(request, etag, strong_date(info, now_ns())):
             request.requestHeaders.removeHeader(b"range")
         self.makeProducer(request, file).start()
         return server.NOT_DONE_YET

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource
 from twisted.web.http import datetimeToString
 
-from sockproto import checks, files, http
+from sockproto import checks, files, http, http_files
 from sockproto.config import HttpSettings
 from sockproto.http_files import LISTING_OFF, NOT_FOUND, Listing, MultipartProducer, RangeProducer, SafeFile
 from sockproto.stats import Stats
@@ -552,6 +552,23 @@ class ValidatorTests(SynchronousTestCase):
             response = self.get(f"Range: bytes=1-3\r\nIf-Range: {value}\r\n")
             self.assertEqual((response.status, response.body), (200, b"hello\n"), value)
             self.assertIsNone(response.header(b"content-range"), value)
+
+    def test_a_date_under_a_second_old_is_no_validator(self) -> None:
+        # Regression (review): a file rewritten twice within one second keeps
+        # its Last-Modified, so If-Range with that date spliced a range of the
+        # new file onto the old. RFC 9110 sec. 8.8.2.2: a date is strong only
+        # once the file is a second old. If-Modified-Since compares seconds at
+        # any age (as nginx and Apache do): a 304 keeps a whole, older copy.
+        for age, ranged in ((0, 200), (999_999_999, 200), (1_000_000_000, 206)):
+            self.patch(http_files, "now_ns", lambda age=age: self.nanoseconds + age)
+            response = self.get(f"Range: bytes=1-3\r\nIf-Range: {self.date}\r\n")
+            self.assertEqual(response.status, ranged, age)
+            self.assertEqual(response.body, b"ell" if ranged == 206 else b"hello\n", age)
+            self.assertEqual(self.get(f"If-Modified-Since: {self.date}\r\n").status, 304, age)
+            # the ETag is a validator at any age
+            tag = self.etag.decode()
+            self.assertEqual(self.get(f"Range: bytes=1-3\r\nIf-Range: {tag}\r\n").status, 206, age)
+            self.assertEqual(self.get(f"If-None-Match: {tag}\r\n").status, 304, age)
 
     def test_a_changed_file_gets_another_etag(self) -> None:
         with open(self.path, "ab") as file:
