@@ -326,19 +326,21 @@ class HttpLingerEndToEndTests(SynchronousTestCase):
         self.assertEqual((upload.returncode, upload.stdout, upload.stderr), (0, b"413", b""))
 
     def test_a_client_that_keeps_sending_is_closed_at_the_bounds(self) -> None:
-        suite = self.start("--http-linger-time", "2", "--http-linger-bytes", "200000")
+        # Each client is timed from its own refusal, one at a time (review: the
+        # flood was timed only after the trickle had been closed, so it passed
+        # with --http-linger-bytes ignored).
+        linger = 4.0
+        suite = self.start("--http-linger-time", f"{linger:g}", "--http-linger-bytes", "200000")
 
-        def refused() -> socket.socket:
+        def seconds_until_closed(chunk: bytes, pace: float) -> float:
+            """From just before a refusal, until the server's close makes a send of
+            ``chunk`` (every ``pace`` seconds) fail: never less than the linger."""
             sock = suite.connect("http")
             self.addCleanup(sock.close)
+            started = time.monotonic()  # before the refusal, so before the server's timer
             sock.sendall(b"GARBAGE\r\n\r\n")
             # the answer, then the end of what the server sends (a half-close)
             self.assertTrue(recv_all(sock).startswith(b"HTTP/1.1 400 "))
-            return sock
-
-        def seconds_until_closed(sock: socket.socket, chunk: bytes, pace: float) -> float:
-            """Send ``chunk`` every ``pace`` seconds until the server's close makes a send fail."""
-            started = time.monotonic()
             deadline = started + DEADLINE
             while time.monotonic() < deadline:
                 try:
@@ -348,11 +350,10 @@ class HttpLingerEndToEndTests(SynchronousTestCase):
                 time.sleep(pace)
             raise AssertionError("the server never closed")
 
-        slow, fast = refused(), refused()
-        # a trickle is read and dropped until the time bound...
-        self.assertGreaterEqual(seconds_until_closed(slow, b"x" * 100, 0.02), 1.9)
-        # ...a flood only until the byte bound
-        self.assertLess(seconds_until_closed(fast, b"x" * 65536, 0), 1.9)
+        # a flood is read and dropped only until the byte bound, well before the time bound...
+        self.assertLess(seconds_until_closed(b"x" * 65536, 0), linger / 2)
+        # ...a trickle (a few KB) until the time bound
+        self.assertGreaterEqual(seconds_until_closed(b"x" * 100, 0.02), linger - 0.05)
         self.assertFalse(suite.saw("Traceback"))
 
 
