@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from sockproto import files
 from sockproto.files import MAX_HOPS, RefusedPathError, Tree
 from tests.support import DEADLINE, temp_dir
 
@@ -161,3 +164,70 @@ class TreeTests(SynchronousTestCase):
             except OSError:
                 continue
         self.assertEqual((opened, open_fds()), (2, before))
+
+    def open_swapped_after_probe(self, path: str, make: Callable[[str], None]) -> OSError | None:
+        """Open ``path`` (under the root) with ``make`` run on it right after its
+        last name is probed; the error, or None if it was opened. In a thread: a
+        FIFO opened as a plain file fails the test instead of hanging it."""
+        full = os.path.join(self.root, path)
+        probed = files._probe
+        swapped: list[str] = []
+
+        def probe_then_swap(component: str, at: int) -> tuple[int, os.stat_result]:
+            found = probed(component, at)
+            if component == os.path.basename(full) and not swapped:
+                swapped.append(component)
+                make(full)
+            return found
+
+        self.patch(files, "_probe", probe_then_swap)
+        outcome: list[OSError | None] = []
+
+        def attempt() -> None:
+            try:
+                opened = self.tree.open(path)
+            except OSError as error:
+                outcome.append(error)
+            else:
+                os.close(opened.fd)
+                outcome.append(None)
+
+        thread = threading.Thread(target=attempt, daemon=True)
+        thread.start()
+        thread.join(DEADLINE)
+        if thread.is_alive():
+            with open(full, "wb"):  # unblock the thread
+                pass
+            self.fail(f"opening {path} blocked")
+        self.assertEqual(swapped, [os.path.basename(full)])
+        return outcome[0]
+
+    def test_a_file_swapped_right_after_its_probe_is_refused(self) -> None:
+        # Regression (review): nothing covered the window between probing the
+        # last name and opening it for reading; O_NOFOLLOW on that open, the
+        # S_ISREG check of its fstat and the close of a refused descriptor
+        # could each go unnoticed. The swap here comes right after the probe.
+        outside = os.path.join(os.path.dirname(self.root), "outside", "secret.txt")
+
+        def link(path: str) -> None:
+            os.unlink(path)
+            os.symlink(outside, path)
+
+        def fifo(path: str) -> None:
+            os.unlink(path)
+            os.mkfifo(path)
+
+        def folder(path: str) -> None:
+            os.unlink(path)
+            os.mkdir(path)
+
+        for make in (link, fifo, folder):
+            path = os.path.join("sub", f"{make.__name__}.txt")
+            with open(os.path.join(self.root, path), "w") as file:
+                file.write("served\n")
+            before = open_fds()
+            error = self.open_swapped_after_probe(path, make)
+            self.assertIsInstance(error, OSError, path)
+            assert error is not None
+            self.assertTrue(isinstance(error, RefusedPathError) or error.errno == errno.ELOOP, repr(error))
+            self.assertEqual(open_fds(), before, path)
