@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -121,6 +122,16 @@ def is_hidden(name: bytes) -> bool:
     return name.startswith(b".")
 
 
+def is_utf8(name: str) -> bool:
+    """Whether a name from the file system was valid UTF-8 (Python decodes the
+    bytes of one that is not to lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def with_charset(types: Mapping[str, str]) -> dict[str, str]:
     """The content-type map with ``; charset=utf-8`` on every ``text/`` type.
 
@@ -141,10 +152,9 @@ CONTENT_TYPES = with_charset(static.File.contentTypes)
 class Listing(static.DirectoryLister):
     """twisted.web's folder listing; a path below it is not found (in plain text).
 
-    A name that is not UTF-8 (it reaches Python with surrogate escapes) is
-    shown with U+FFFD for its bad bytes and linked with each byte %-encoded:
-    twisted.web's lister fails on it with a traceback, a 500 for the whole
-    folder on every request.
+    Its rows are ``(name, stat)`` pairs from :meth:`SafeFile.listed`: what a
+    request for each name would reach, as checked then (twisted.web's lister
+    stats each name again, by a path that follows links).
     """
 
     def render(self, request: Any) -> bytes:
@@ -157,16 +167,15 @@ class Listing(static.DirectoryLister):
     def getChild(self, path: bytes, request: Any) -> resource.Resource:
         return NOT_FOUND
 
-    def _getFilesAndDirectories(self, directory: Iterable[str | bytes]) -> tuple[list[dict], list[dict]]:
-        """twisted.web's rows, built from each name's bytes (see the class docstring)."""
+    def _getFilesAndDirectories(
+        self, directory: Iterable[tuple[str, os.stat_result]]
+    ) -> tuple[list[dict], list[dict]]:
+        """twisted.web's rows, from the stat each name was checked with."""
         dirs: list[dict] = []
         files: list[dict] = []
-        for name in directory:
-            raw = name if isinstance(name, bytes) else os.fsencode(name)
-            text = escape(raw.decode("utf-8", "replace"))
-            href = quote(raw, "/")
-            path = os.path.join(os.fsencode(self.path), raw)
-            if os.path.isdir(path):
+        for name, info in directory:
+            text, href = escape(name), quote(name)
+            if stat.S_ISDIR(info.st_mode):
                 dirs.append(
                     {
                         "text": text + "/",
@@ -177,18 +186,14 @@ class Listing(static.DirectoryLister):
                     }
                 )
                 continue
-            try:
-                size = os.path.getsize(path)
-            except OSError:
-                continue  # gone since the folder was read
             kind, encoding = static.getTypeAndEncoding(
-                os.fsdecode(raw), self.contentTypes, self.contentEncodings, self.defaultType
+                name, self.contentTypes, self.contentEncodings, self.defaultType
             )
             files.append(
                 {
                     "text": text,
                     "href": href,
-                    "size": static.formatFileSize(size),
+                    "size": static.formatFileSize(info.st_size),
                     "type": f"[{escape(kind)}]",
                     "encoding": f"[{encoding}]" if encoding else "",
                 }
@@ -577,23 +582,29 @@ class SafeFile(static.File):
     def directoryListing(self) -> resource.Resource:
         if not self.listing:
             return LISTING_OFF
-        return Listing(
-            self.path, self.listNames(), self.contentTypes, self.contentEncodings, self.defaultType
-        )
+        return Listing(self.path, self.listed(), self.contentTypes, self.contentEncodings, self.defaultType)
 
     def listNames(self) -> list[str]:
-        """What a listing shows: only what a request for it would serve."""
-        return [
-            name
-            for name in super().listNames()
-            if not name.startswith(".") and self._listable(os.path.join(self.path, name))
-        ]
+        return [name for name, _ in self.listed()]
 
-    def _listable(self, path: str) -> bool:
-        try:
-            return self.servable(path)
-        except PermissionError:
-            return False  # one name out of reach is left out, not the listing refused
+    def listed(self) -> list[tuple[str, os.stat_result]]:
+        """What a listing shows, with what :class:`Tree` found for each name:
+        only what a request for it would serve. A name that is not UTF-8 is
+        left out (a request cannot name it: :meth:`getChild` answers 404).
+
+        Raises what is no answer about a name (EMFILE), as :meth:`servable`."""
+        shown = []
+        for name in super().listNames():
+            if name.startswith(".") or not is_utf8(name):
+                continue
+            try:
+                info = self.tree.stat(self.tree.relative(os.path.join(self.path, name)))
+            except OSError as error:
+                if is_absent(error) or isinstance(error, PermissionError):
+                    continue  # one name out of reach is left out, not the listing refused
+                raise
+            shown.append((name, info))
+        return shown
 
     def createSimilarFile(self, path: str) -> SafeFile:
         return SafeFile(path, self.root, self.listing, self.tree)
