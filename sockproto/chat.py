@@ -271,6 +271,8 @@ class ChatProtocol(BoundedLineReceiver):
 
     def _telnet_flood(self) -> None:
         """Past MAX_TELNET_COMMANDS: not a telnet client but a flood of commands."""
+        if self._leaving:
+            return  # closing already: the client has had its one line
         self.service_stats.limit_hit("telnet_commands")
         log.info(
             "chat: closing {peer}: more than {limit} telnet commands",

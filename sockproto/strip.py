@@ -74,6 +74,8 @@ class StripProtocol(BoundedLineReceiver):
             self.transport.write(reply)
 
     def _telnet_flood(self) -> None:
+        if self.transport.disconnecting:
+            return  # closing already: the client has had its one line
         self.service_stats.limit_hit("telnet_commands")
         log.info(
             "strip: closing {peer}: more than {limit} telnet commands",

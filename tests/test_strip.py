@@ -233,6 +233,12 @@ class StripTelnetBudgetTests(SynchronousTestCase):
         self.assertEqual(self.protocol.wrappedProtocol._telnet.commands, MAX_TELNET_COMMANDS + 1)
         self.assertEqual(self.stats.limits["telnet_commands"], 1)
 
+    def test_one_line_when_closing_for_another_reason(self) -> None:
+        self.assertEqual(
+            self.send(b"x" * 100 + b"\xff\xf1" * (2 * MAX_TELNET_COMMANDS)), b"error: line too long\r\n"
+        )
+        self.assertEqual(self.stats.limits["telnet_commands"], 0)
+
     def test_every_kind_of_command_counts(self) -> None:
         ctrl_c = b"\xff\xf4\xff\xfd\x06"  # two commands
         subnegotiation = b"\xff\xfa\x18\x00xterm\xff\xf0"  # one
