@@ -110,9 +110,11 @@ _REFUSAL = {WILL[0]: IAC + DONT, DO[0]: IAC + WONT}
 # Runs of data, matched in C however long: bytes but 0xFF, and 0xFF with the
 # byte after it when that is no command byte (IAC IAC among them). What a
 # match stops at is a command, a last lone 0xFF, or the end.
-_DATA = re.compile(rb"(?:[^\xff]+|\xff[^\xf0-\xfe])*")
+# (Written as "normal* (special normal*)*", which sre runs fastest: 64 KiB of
+# IAC IAC in 0.8 ms, four times what strip takes for text.)
+_DATA = re.compile(rb"[^\xff]*(?:\xff[^\xf0-\xfe][^\xff]*)*")
 # Inside a subnegotiation only IAC IAC goes on; any other IAC ends it.
-_SUBNEGOTIATION = re.compile(rb"(?:[^\xff]+|\xff\xff)*")
+_SUBNEGOTIATION = re.compile(rb"[^\xff]*(?:\xff\xff[^\xff]*)*")
 # Commands one connection may send: a telnet client sends two per Ctrl-C
 # (and none at the start, on a port other than 23). Past it the client is not
 # telnet but a flood of commands, each one costing a turn of a Python loop:
