@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
+import unicodedata
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -56,22 +58,36 @@ _CHAT_LINE = re.compile(
 _WELCOME = re.compile(rf"\*\*\* welcome to sockproto chat, you are ({_NICK});")
 
 
-# The characters the README says are never relayed: C0 but TAB, DEL, C1, and
-# those that reorder or hide text (bidi controls, zero-width characters, line
-# and paragraph separators). The joiners U+200C/U+200D, kept between visible
-# characters, are left to the server's own tests.
-_CONTROLS = re.compile(
-    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028-\u202e\u2060\u2066-\u2069\ufeff]"
+# The characters the README says are never relayed: C0 but TAB, DEL, C1 (the
+# Cc category), every format character (Cf: bidi controls, zero-width and
+# other invisible characters, tags), the line and paragraph separators (Zl,
+# Zp) and the Hangul fillers. The joiners U+200C/U+200D, kept between visible
+# characters, are left to the server's own tests; so are the tags of the
+# three subdivision flags, kept whole.
+_NEVER_RELAYED = "".join(
+    re.escape(char)
+    for char in map(chr, range(sys.maxunicode + 1))
+    if (unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") and char not in "\t\u200c\u200d")
+    or char in "\u115f\u1160\u3164\uffa0"
+)
+_CONTROLS = re.compile(f"[{_NEVER_RELAYED}]")
+_FLAG_TAGS = re.compile(
+    "(?<=\U0001f3f4)\U000e0067\U000e0062(?:\U000e0065\U000e006e\U000e0067|\U000e0073\U000e0063\U000e0074"
+    "|\U000e0077\U000e006c\U000e0073)\U000e007f"
 )
 
 
 def terminal_controls(text: str) -> list[str]:
-    return _CONTROLS.findall(text)
+    return _CONTROLS.findall(_FLAG_TAGS.sub("", text))
 
 
 def chat_relayed(raw: bytes) -> str:
     """What the others see of a line a client said: UTF-8 (else U+FFFD), controls removed."""
-    return _CONTROLS.sub("", raw.decode("utf-8", "replace"))
+    text = raw.decode("utf-8", "replace")
+    parts = _FLAG_TAGS.split(text)
+    flags = _FLAG_TAGS.findall(text)
+    kept = [_CONTROLS.sub("", part) for part in parts]
+    return "".join(part + flag for part, flag in zip(kept, [*flags, ""], strict=True))
 
 
 @dataclass(frozen=True)

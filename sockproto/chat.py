@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from functools import cached_property
 from typing import Any
 
+from twisted.conch.telnet import IAC
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
@@ -44,7 +45,7 @@ from sockproto.limits import (
 )
 from sockproto.listening import Listener, stream_listener
 from sockproto.stats import ServiceStats, Stats
-from sockproto.text import TelnetFilter, loggable, relayable
+from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS, TelnetFilter, loggable, relayable
 
 log = Logger(namespace="sockproto")
 
@@ -256,14 +257,32 @@ class ChatProtocol(BoundedLineReceiver):
     @cached_property
     def _telnet(self) -> TelnetFilter:
         """Telnet's commands out of the input before it is split into lines."""
-        return TelnetFilter(self._bytes_received, self._telnet_reply)
+        return TelnetFilter(self._bytes_received, self._telnet_reply, self._telnet_flood)
 
     def dataReceived(self, data: bytes) -> None:
-        self._telnet.feed(data)
+        if IAC in data or self._telnet.holding:
+            self._telnet.feed(data)
+        else:
+            self._bytes_received(data)  # any text but a telnet client's Ctrl-C
 
     def _telnet_reply(self, reply: bytes) -> None:
         if not self._leaving:
             self.send(reply)
+
+    def _telnet_flood(self) -> None:
+        """Past MAX_TELNET_COMMANDS: not a telnet client but a flood of commands."""
+        if self._leaving:
+            return  # closing already: the client has had its one line
+        self.service_stats.limit_hit("telnet_commands")
+        log.info(
+            "chat: closing {peer}: more than {limit} telnet commands",
+            peer=self.peer,
+            limit=MAX_TELNET_COMMANDS,
+        )
+        self._depart("too many telnet commands")
+        self.output.finish()
+        self.transport.write(TOO_MANY_COMMANDS)
+        self.transport.loseConnection()
 
     def _bytes_received(self, data: bytes) -> None:
         if self._leaving or self._overlong is not None:

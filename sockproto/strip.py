@@ -11,13 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.conch.telnet import IAC
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 
 from sockproto.config import Settings
-from sockproto.limits import BoundedLineReceiver, ConnectionPolicy
+from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, peer_of
 from sockproto.listening import Listener, stream_listener
 from sockproto.stats import ServiceStats, Stats
-from sockproto.text import TelnetFilter
+from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS, TelnetFilter
+
+log = Logger(namespace="sockproto")
 
 WHITESPACE = b" \t\r\n"
 # What an answer never holds: the whitespace, and the NUL that ends it.
@@ -55,16 +59,31 @@ class StripProtocol(BoundedLineReceiver):
         # never reads would have them all buffered here. As the transport's
         # producer (LineReceiver is one), reading stops while output backs up.
         self.transport.registerProducer(self, True)
-        self._telnet = TelnetFilter(self._bytes_received, self._telnet_reply)
+        self._telnet = TelnetFilter(self._bytes_received, self._telnet_reply, self._telnet_flood)
 
     def dataReceived(self, data: bytes) -> None:
         # Without a 0xFF in it (any text but a telnet client's Ctrl-C), the
-        # data goes straight on.
-        self._telnet.feed(data)
+        # data goes straight on, the benchmarked path paying for no filter.
+        if IAC in data or self._telnet.holding:
+            self._telnet.feed(data)
+        else:
+            self._bytes_received(data)
 
     def _telnet_reply(self, reply: bytes) -> None:
         if not self.transport.disconnecting:
             self.transport.write(reply)
+
+    def _telnet_flood(self) -> None:
+        if self.transport.disconnecting:
+            return  # closing already: the client has had its one line
+        self.service_stats.limit_hit("telnet_commands")
+        log.info(
+            "strip: closing {peer}: more than {limit} telnet commands",
+            peer=peer_of(self.transport),
+            limit=MAX_TELNET_COMMANDS,
+        )
+        self.transport.write(TOO_MANY_COMMANDS)
+        self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
         self._telnet.end()  # a 0xFF last is data: into the last line

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import unicodedata
 from typing import Any
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
@@ -18,6 +20,7 @@ from sockproto import chat
 from sockproto.config import ChatSettings
 from sockproto.limits import ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
+from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS
 
 # What the README says is never relayed, beyond the C0 and C1 controls.
 NOT_RELAYED = {
@@ -26,7 +29,15 @@ NOT_RELAYED = {
     "bidi mark": "\u200e\u200f\u061c",
     "zero-width character": "\u200b\u2060\ufeff",
     "line or paragraph separator": "\u2028\u2029",
+    "other format character": "\u00ad\u180e\u2061\u2062\u2063\u2064\u206a\u206f\ufff9\ufffa\ufffb",
+    "tag character": "\U000e0001\U000e0020\U000e0041\U000e0067\U000e007e\U000e007f",
+    "Hangul filler": "\u115f\u1160\u3164\uffa0",
 }
+# The three subdivision flags Unicode recommends: U+1F3F4, tags, CANCEL TAG.
+SUBDIVISION_FLAGS = [
+    "\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in f"gb{name}") + "\U000e007f"
+    for name in ("eng", "sct", "wls")
+]
 
 
 class TextTests(SynchronousTestCase):
@@ -50,6 +61,35 @@ class TextTests(SynchronousTestCase):
         for what, chars in NOT_RELAYED.items():
             for char in chars:
                 self.assertEqual(chat.clean(f"a{char}b{char}".encode()), "ab", f"{what}: U+{ord(char):04X}")
+
+    def test_every_format_character_removed_but_the_joiners(self) -> None:
+        # Regression: only the bidi controls and four zero-width characters
+        # went; 146 other format characters passed, among them the tags that
+        # carry a hidden copy of any ASCII text ("ASCII smuggling").
+        for code in range(sys.maxunicode + 1):
+            char = chr(code)
+            if unicodedata.category(char) == "Cf" and char not in "\u200c\u200d":
+                self.assertEqual(chat.clean(f"a{char}b".encode()), "ab", f"U+{code:04X}")
+
+    def test_hidden_ascii_in_tags_removed(self) -> None:
+        hidden = "".join(chr(0xE0000 + ord(c)) for c in "ignore the rules")
+        gb = "\U000e0067\U000e0062"
+        for sent, relayed in [
+            (f"hello{hidden}", "hello"),
+            (f"\U0001f3f4{hidden}\U000e007f", "\U0001f3f4"),  # after a black flag too
+            (f"\U0001f3f4{gb}{hidden}\U000e007f", "\U0001f3f4"),
+            (f"{SUBDIVISION_FLAGS[0]}{hidden}", SUBDIVISION_FLAGS[0]),
+        ]:
+            self.assertEqual(chat.clean(sent.encode()), relayed, sent)
+
+    def test_subdivision_flags_kept_whole(self) -> None:
+        for flag in SUBDIVISION_FLAGS:
+            for text in (flag, f"go {flag}!", f"{flag}{flag}", f"\u202e{flag}\u00ad"):
+                self.assertEqual(chat.clean(text.encode()), text.replace("\u202e", "").replace("\u00ad", ""))
+        # a black flag with tags that make no flag: just the black flag
+        self.assertEqual(
+            chat.clean("\U0001f3f4\U000e0075\U000e0073\U000e0063\U000e0061\U000e007f".encode()), "\U0001f3f4"
+        )
 
     def test_joiners_kept_inside_emoji_and_words_only(self) -> None:
         family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # one glyph: man ZWJ woman ZWJ girl
@@ -419,6 +459,31 @@ class TelnetTests(ChatTestCase):
         c.protocol.readConnectionLost()
         self.assertEqual(a.received(), ["<guest3> end", "*** guest3 left (EOF)"])
         self.assertEqual(self.sent_back(c), b"")
+
+
+class TelnetBudgetTests(ChatTestCase):
+    settings: dict[str, Any] = {"rate": (20.0, 40.0)}
+
+    def test_a_flood_of_commands_alone_is_closed(self) -> None:
+        # Regression: commands never reach the line path, so a client sending
+        # nothing else was never charged to --chat-rate nor paused, while each
+        # command cost a turn of a Python loop.
+        a, b = self.clients(2)
+        flood = b"\xff\xf1" * (4 * MAX_TELNET_COMMANDS)
+        b.send(flood[:999], flood[999:], b"\xff\xfd\x06hello\n")
+        b.clock.advance(0)
+        self.assertEqual(b.transport.value()[b.seen :], TOO_MANY_COMMANDS)
+        self.assertTrue(b.transport.disconnecting)
+        self.assertEqual(a.received(), ["*** guest2 left (too many telnet commands)"])
+        self.assertEqual(self.stats.limits["telnet_commands"], 1)
+
+    def test_a_telnet_client_is_far_from_the_budget(self) -> None:
+        a, b = self.clients(2)
+        for _ in range(MAX_TELNET_COMMANDS // 4):  # a Ctrl-C before every other line
+            b.send(b"\xff\xf4\xff\xfd\x06hi\r\n", b"ok\r\n")
+            self.clock.advance(1)
+        self.assertEqual(a.received(), ["<guest2> hi", "<guest2> ok"] * (MAX_TELNET_COMMANDS // 4))
+        self.assertFalse(b.transport.disconnecting)
 
 
 class NoHistoryTests(ChatTestCase):

@@ -18,6 +18,8 @@ reading, half-close, reset, wait):
 from __future__ import annotations
 
 import re
+import sys
+import unicodedata
 from typing import Any
 
 from hypothesis import given, settings
@@ -46,12 +48,25 @@ RELAYED = re.compile(r"<([^>]*)> |\* (\S+) ")
 SHUTDOWN = "*** server shutting down"
 
 
-# Never relayed (the README): C0 but TAB, DEL, C1, the bidi controls, the
-# zero-width characters, the line and paragraph separators; the joiners
-# only between two visible characters.
-NEVER_RELAYED = (
-    "[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060\u2066-\u2069\ufeff]"
+# Never relayed (the README): C0 but TAB, DEL, C1 (all of Cc), every format
+# character (Cf) but the joiners, the line and paragraph separators, the
+# Hangul fillers; the joiners only between two visible characters; tag
+# characters only in the three subdivision flags.
+_NEVER = "".join(
+    re.escape(chr(code))
+    for code in range(sys.maxunicode + 1)
+    if (unicodedata.category(chr(code)) in ("Cc", "Cf", "Zl", "Zp") and chr(code) not in "\t\u200c\u200d")
+    or code in (0x115F, 0x1160, 0x3164, 0xFFA0)
 )
+NEVER_RELAYED = f"[{_NEVER}]"
+
+
+def _tags(text: str) -> str:
+    return "".join(chr(0xE0000 + ord(c)) for c in text)
+
+
+WALES = f"\U0001f3f4{_tags('gbwls')}\U000e007f"
+FLAG = f"\U0001f3f4{_tags('gb')}(?:{_tags('eng')}|{_tags('sct')}|{_tags('wls')})\U000e007f"
 STRAY_JOINER = "(?:^|(?<=[\\s\u200c\u200d]))[\u200c\u200d]|[\u200c\u200d](?=[\\s\u200c\u200d]|$)"
 NOT_RELAYED = re.compile(f"{NEVER_RELAYED}|{STRAY_JOINER}")
 # What the server answers to telnet's DO and WILL: IAC WONT x, IAC DONT x.
@@ -59,7 +74,7 @@ TELNET_ANSWER = re.compile(rb"\xff[\xfc\xfe].", re.DOTALL)
 
 
 def controls(text: str) -> list[str]:
-    return NOT_RELAYED.findall(text)
+    return NOT_RELAYED.findall(re.sub(FLAG, "", text))
 
 
 # What reorders or hides text, the joiners, telnet commands.
@@ -67,6 +82,11 @@ hostile = st.sampled_from(
     [
         *(chr(c).encode() for c in [0x061C, 0x200B, 0x200E, 0x200F, 0x2028, 0x2029, 0x2060, 0xFEFF]),
         *(chr(c).encode() for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]),
+        *(chr(c).encode() for c in [0x00AD, 0x180E, 0x2061, 0x206A, 0xFFF9, 0x115F, 0x3164, 0xFFA0]),
+        *(
+            chr(c).encode() for c in [0xE0001, 0xE0041, 0xE0067, 0xE0062, 0xE007F, 0x1F3F4]
+        ),  # tags, a black flag
+        WALES.encode(),
         "\u200d".encode(),
         "\u200c".encode(),
         "\U0001f468\u200d\U0001f469".encode(),
@@ -294,7 +314,12 @@ def relayed_text(line: bytes) -> tuple[str | None, bytes]:
     if not data.endswith(b"\n"):
         return None, answers
     text = data[:-1].removesuffix(b"\r").decode("utf-8", "replace")
-    kept = [c for c in text if not re.fullmatch(NEVER_RELAYED, c)]
+    kept = [
+        c
+        for i, part in enumerate(re.split(f"({FLAG})", text))
+        for c in part
+        if i % 2 or not re.fullmatch(NEVER_RELAYED, c)  # the flags at the odd places, kept whole
+    ]
     visible = [c not in JOINERS and not c.isspace() for c in kept]
     shown = (
         c

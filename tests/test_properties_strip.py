@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sockproto import strip
 from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
+from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS
 from tests.support import cut
 from tests.test_strip import connect
 
@@ -39,17 +40,33 @@ pieces = st.one_of(
     st.integers(1, 80).map(lambda n: b"x" * n),
 )
 streams = st.lists(pieces, max_size=40).map(b"".join)
+streams = st.lists(pieces, max_size=40).map(b"".join)
+# Whole commands (one each, Ctrl-C two) and the data between them.
+COMMAND_RICH = [
+    b"\xff\xf4\xff\xfd\x06",
+    b"\xff\xf1",
+    b"\xff\xfb\x18",
+    b"\xff\xfa\x18\x00x\xff\xff\xff\xf0",
+    b"\xff\xff",
+    b"ab",
+    b"\n",
+]
 
 
-def telnet(stream: bytes, eof: bool) -> list[int | bytes]:
+FLOOD = "flood"  # the event of the command one past MAX_TELNET_COMMANDS
+
+
+def telnet(stream: bytes, eof: bool) -> list[int | bytes | str]:
     """``stream`` as the README reads it: its data bytes (ints) and the
     server's answers to telnet commands (bytes), in order. 0xFF then
     0xF0-0xFE is a command (WILL, WONT, DO, DONT take one byte more; SB runs
     to IAC SE or any IAC but IAC IAC); 0xFF then anything else is two data
     bytes; DO x is answered WONT x, WILL x DONT x. An unfinished command at
-    the end is no data yet, or at EOF none at all, but a lone 0xFF is."""
-    events: list[int | bytes] = []
-    i, in_sb = 0, False
+    the end is no data yet, or at EOF none at all, but a lone 0xFF is. The
+    command one past MAX_TELNET_COMMANDS (a subnegotiation is one) is FLOOD,
+    and nothing after it counts."""
+    events: list[int | bytes | str] = []
+    i, in_sb, commands = 0, False, 0
     while i < len(stream):
         byte, following = stream[i], stream[i + 1 : i + 2]
         if byte != 0xFF:
@@ -69,6 +86,11 @@ def telnet(stream: bytes, eof: bool) -> list[int | bytes]:
         elif following[0] == 0xFF or following[0] < 0xF0:
             events += [byte, following[0]]
             i += 2
+        elif (commands := commands + 1) > MAX_TELNET_COMMANDS and (
+            following[0] not in (0xFB, 0xFC, 0xFD, 0xFE) or i + 2 < len(stream)
+        ):
+            events.append(FLOOD)
+            break
         elif following[0] in (0xFB, 0xFC, 0xFD, 0xFE):
             if i + 2 == len(stream):
                 break
@@ -99,6 +121,8 @@ def expected(stream: bytes, max_line: int, half_close: bool) -> tuple[bytes, boo
             line.clear()
         elif len(line) > max_line:  # a line without LF yet: too long as soon as it is seen
             return out + TOO_LONG, True, answered
+        elif event == FLOOD:  # one line, then closed; the line under way is lost
+            return out + TOO_MANY_COMMANDS, True, answered
         elif event is not None:
             out, answered = out + event, True
     return out, half_close, answered
@@ -148,6 +172,32 @@ class StripPropertyTests(SynchronousTestCase):
         self.assertEqual(answers.count(b"\0"), split.stats.handled)
         if answers:
             self.assertTrue(answers.endswith(b"\0"))
+
+    @given(
+        st.lists(st.sampled_from(COMMAND_RICH), min_size=1, max_size=12),
+        st.integers(-30, 30),
+        st.booleans(),
+        st.data(),
+    )
+    def test_commands_around_the_budget(
+        self, unit: list[bytes], off: int, half_close: bool, data: Any
+    ) -> None:
+        # A stream of about MAX_TELNET_COMMANDS commands among lines, cut
+        # anywhere: answered as the README says up to the budget, then one
+        # line and closed.
+        per_unit = sum(
+            piece.count(b"\xff") - 2 * piece.count(b"\xff\xff") - piece.count(b"\xff\xf0") for piece in unit
+        )
+        repeat = max(1, (MAX_TELNET_COMMANDS + off) // max(1, per_unit))
+        stream = b"".join(unit) * repeat
+        chunks = data.draw(cut(stream, 12))
+        run = Run(len(stream))  # no line too long: the budget is what closes
+        with capturedLogs():
+            output = run.feed(chunks, half_close)
+        want, closed, _ = expected(stream, len(stream), half_close)
+        self.assertEqual(output, want)
+        self.assertEqual(bool(run.transport.disconnecting), closed)
+        self.assertEqual(output.endswith(TOO_MANY_COMMANDS), per_unit * repeat > MAX_TELNET_COMMANDS)
 
     @given(st.lists(st.binary(min_size=1, max_size=4096), min_size=1, max_size=8))
     def test_long_input_without_lf_is_bounded(self, chunks: list[bytes]) -> None:

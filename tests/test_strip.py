@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from sockproto import strip
 from sockproto.limits import ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
+from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS
 
 PEER = IPv4Address("TCP", "127.0.0.1", 40000)
 
@@ -214,6 +215,65 @@ class StripTelnetTests(SynchronousTestCase):
         self.send(b"z" * 64 + b"\xff")
         self.protocol.readConnectionLost()
         self.assertEqual(self.transport.value(), b"error: line too long\r\n")
+
+
+class StripTelnetBudgetTests(SynchronousTestCase):
+    """Each command costs Python work where text costs none: a connection
+    gets MAX_TELNET_COMMANDS of them (a telnet client sends two per Ctrl-C)."""
+
+    setUp = StripProtocolTests.setUp
+    send = StripProtocolTests.send
+
+    def test_a_flood_of_commands_is_closed_at_the_budget(self) -> None:
+        # Regression: 64 KiB of IAC NOP took 9.4 ms where text takes 0.2 ms,
+        # without end: one client could pin the reactor every service shares.
+        flood = b"\xff\xf1" * (4 * MAX_TELNET_COMMANDS)
+        self.assertEqual(self.send(flood[:1001], flood[1001:], b"\xff\xfd\x06more\n"), TOO_MANY_COMMANDS)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.protocol.wrappedProtocol._telnet.commands, MAX_TELNET_COMMANDS + 1)
+        self.assertEqual(self.stats.limits["telnet_commands"], 1)
+
+    def test_one_line_when_closing_for_another_reason(self) -> None:
+        self.assertEqual(
+            self.send(b"x" * 100 + b"\xff\xf1" * (2 * MAX_TELNET_COMMANDS)), b"error: line too long\r\n"
+        )
+        self.assertEqual(self.stats.limits["telnet_commands"], 0)
+
+    def test_every_kind_of_command_counts(self) -> None:
+        ctrl_c = b"\xff\xf4\xff\xfd\x06"  # two commands
+        subnegotiation = b"\xff\xfa\x18\x00xterm\xff\xf0"  # one
+        self.send(ctrl_c * (MAX_TELNET_COMMANDS // 2 - 1), subnegotiation, b"\xff\xf1", b"ok\n")
+        self.assertEqual(self.protocol.wrappedProtocol._telnet.commands, MAX_TELNET_COMMANDS)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.transport.value(), b"\xff\xfc\x06" * (MAX_TELNET_COMMANDS // 2 - 1) + b"ok\x00")
+        self.assertEqual(self.send(b"\xff\xfb\x18")[-len(TOO_MANY_COMMANDS) :], TOO_MANY_COMMANDS)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_0xff_as_data_is_no_command(self) -> None:
+        # IAC IAC, IAC before a non-command byte, IAC IAC inside a
+        # subnegotiation: data, however much of it, and no command counted.
+        lines = (b"\xff\xff\xff\x00" * 8 + b"\n") * (MAX_TELNET_COMMANDS // 4)
+        inside = b"\xff\xfa\x18" + b"\xff\xff" * (2 * MAX_TELNET_COMMANDS) + b"\xff\xf0"
+        answers = lines.replace(b"\x00", b"").replace(b"\n", b"\x00")
+        self.assertEqual(self.send(lines, inside, b"ok\n"), answers + b"ok\x00")
+        self.assertEqual(self.protocol.wrappedProtocol._telnet.commands, 1)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_the_filter_says_when_it_holds_part_of_a_command(self) -> None:
+        # dataReceived skips the filter for a read without 0xFF unless it holds one.
+        filter = self.protocol.wrappedProtocol._telnet
+        for sent, holding in [
+            (b"text", False),
+            (b"\xff", True),
+            (b"\xfd", True),
+            (b"\x06", False),
+            (b"\xff\xfa\x18", True),
+            (b"x\nterm", True),
+            (b"\xff\xf0ok\n", False),
+        ]:
+            self.send(sent)
+            self.assertEqual(filter.holding, holding, sent)
+        self.assertEqual(self.transport.value(), b"\xff\xfc\x06textok\x00")
 
 
 class StripFactoryLimitTests(SynchronousTestCase):
