@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import chat
 from sockproto.config import ChatSettings
-from sockproto.limits import ConnectionPolicy, GuardedFactory
+from sockproto.limits import LOGIN_DELAY_CAP, ConnectionPolicy, GuardedFactory
 from sockproto.stats import ServiceStats
 
 # What the README says is never relayed, beyond the C0 and C1 controls.
@@ -862,7 +862,7 @@ class LoginTests(ChatTestCase):
         alice = self.connect("10.0.0.1")
         alice.received()
         alice.send("/login alice secret", "/who")
-        self.clock.advance(chat.LOGIN_DELAY_CAP - 0.5)
+        self.clock.advance(LOGIN_DELAY_CAP - 0.5)
         self.assertEqual(alice.received(), [])  # nor is /who answered before it
         self.assertEqual(self.chat_factory.login_delays.failures("10.0.0.1"), 40)
         self.clock.advance(0.5)
@@ -906,7 +906,7 @@ class LoginTests(ChatTestCase):
         for guess in guesses:
             guess.received()
             guess.send("/login alice nope")
-        self.clock.advance(chat.LOGIN_DELAY_CAP - 0.5)
+        self.clock.advance(LOGIN_DELAY_CAP - 0.5)
         answered = sum(guess.received() == ["error: login failed"] for guess in guesses)
         self.assertEqual(answered, 5)  # after 1, 2, 4, 8, 16 s
         self.clock.advance(0.5)
@@ -915,7 +915,7 @@ class LoginTests(ChatTestCase):
         late = self.connect("10.0.0.1")
         late.received()
         late.send("/login alice nope")
-        self.clock.advance(chat.LOGIN_DELAY_CAP)
+        self.clock.advance(LOGIN_DELAY_CAP)
         self.assertEqual(late.received(), ["error: login failed"])
 
     def test_hang_up_while_a_failed_answer_waits_frees_the_slot(self) -> None:

@@ -12,7 +12,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockproto.chat import LOGIN_DELAY_CAP
+from sockproto.limits import LOGIN_DELAY_CAP
 from tests.support import ALL_OFF, Suite, recv_all, recv_until, wait_for
 
 
