@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from sockproto import auth
 from sockproto.config import ChatSettings, Settings
 from sockproto.limits import (
+    LOGINS_IN_FLIGHT,
     BoundedLineReceiver,
     ConnectionPolicy,
     Login,
@@ -624,6 +625,7 @@ class ChatFactory(Factory):
         stats: ServiceStats,
         clock: Any,
         checkers: Sequence[ICredentialsChecker] = (),
+        logins_in_flight: int = LOGINS_IN_FLIGHT,
     ) -> None:
         self.settings = settings
         self.stats = stats
@@ -632,7 +634,7 @@ class ChatFactory(Factory):
         usable = [c for c in checkers if IUsernamePassword in c.credentialInterfaces]
         self.checker = auth.any_of(usable) if usable else None
         self.room = Room(settings.history)
-        self.login_delays = suite_logins(clock)  # shared with POP3: the same users
+        self.login_delays = suite_logins(clock, logins_in_flight)  # shared with POP3: the same users
         self._holding = False
 
     def authenticate(self, credentials: Any) -> Deferred[Any]:
@@ -666,7 +668,7 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     chat = settings.chat
     service_stats = stats.service("chat", "lines")
     checkers = auth.checkers(settings) if chat.auth else []
-    factory = ChatFactory(chat, service_stats, reactor, checkers)
+    factory = ChatFactory(chat, service_stats, reactor, checkers, settings.suite.logins_in_flight)
     policy = ConnectionPolicy(
         max_clients=chat.max_clients,
         overflow_message=OVERFLOW_MESSAGE,

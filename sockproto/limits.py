@@ -61,7 +61,7 @@ FAILURE_KEYS = 10000
 # Failures counted at most per address: past the cap more change nothing.
 _MAX_DOUBLINGS = 64
 # The longest a login's answer waits, and how many logins of one key
-# (login_key) may be in flight at once: its guesses per penalty.
+# (login_key) may be in flight at once by default (--logins-in-flight).
 LOGIN_DELAY_CAP = 30.0
 LOGINS_IN_FLIGHT = 2
 
@@ -1333,12 +1333,14 @@ class LoginSlot:
 _suite_logins: WeakKeyDictionary[Any, FailureDelays] = WeakKeyDictionary()
 
 
-def suite_logins(clock: Any) -> FailureDelays:
+def suite_logins(clock: Any, in_flight: int = LOGINS_IN_FLIGHT) -> FailureDelays:
     """The suite's failed-login table: one for all services of a process,
-    as they check the same users (found by its reactor, or a test's Clock)."""
+    as they check the same users (found by its reactor, or a test's Clock),
+    with ``in_flight`` (--logins-in-flight)."""
     found = _suite_logins.get(clock)
     if found is None:
         found = _suite_logins[clock] = FailureDelays(LOGIN_DELAY_CAP, clock)
+    found.in_flight = in_flight
     return found
 
 

@@ -44,6 +44,7 @@ from sockproto.config import ConfigError, Settings
 from sockproto.endpoints import loopback_only, stream_description
 from sockproto.limits import (
     LOGIN_DELAY_CAP,
+    LOGINS_IN_FLIGHT,
     BoundedLineReceiver,
     ConnectionPolicy,
     DelayedAnswer,
@@ -797,6 +798,7 @@ class Pop3Factory(Factory):
         tls: Any = None,
         require_tls: bool = False,
         auth_delay: float = 1.0,
+        logins_in_flight: int = LOGINS_IN_FLIGHT,
         anyone: bool = False,
         warn_plaintext: bool = False,
     ) -> None:
@@ -809,7 +811,7 @@ class Pop3Factory(Factory):
         self.anyone = anyone
         self.warn_plaintext = warn_plaintext
         self.auth_delay = auth_delay
-        self.failed_logins = suite_logins(clock)  # shared with chat: the same users
+        self.failed_logins = suite_logins(clock, logins_in_flight)  # shared with chat: the same users
         # For the APOP timestamp, a msg-id: <random.time@host>.
         self.hostname = (
             re.sub(rb"[^A-Za-z0-9.-]", b"", socket.gethostname().encode("ascii", "ignore")) or b"localhost"
@@ -941,6 +943,7 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         tls=tls,
         require_tls=pop3.require_tls,
         auth_delay=pop3.auth_delay,
+        logins_in_flight=suite.logins_in_flight,
         anyone=not checkers,
         warn_plaintext=bool(checkers) and beyond_loopback and not (pop3.require_tls or implicit_tls),
     )

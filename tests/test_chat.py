@@ -933,6 +933,16 @@ class LoginTests(ChatTestCase):
         self.assertEqual(alice.received(), ["*** welcome, alice; /help lists the commands"])
         self.assertEqual(guesses[1].received(), ["error: login failed"])
 
+    def test_logins_in_flight_is_an_option(self) -> None:
+        # --logins-in-flight 1: the suite's one table (a factory built with it, same reactor).
+        chat.ChatFactory(ChatSettings(auth=True), self.stats, self.clock, logins_in_flight=1)
+        first, second = self.connect(), self.connect()
+        first.received()
+        second.received()
+        first.send("/login alice nope")
+        second.send("/login alice secret")
+        self.assertEqual(second.received(), ["error: too many logins in progress from your address"])
+
     def test_other_services_count_the_same_failures(self) -> None:
         # One table for the suite: POP3 checks the same users.
         self.assertIs(self.chat_factory.login_delays, suite_logins(self.clock))
