@@ -11,9 +11,10 @@
 - :class:`OutputBuffer` bounds what waits to be sent to one slow peer, and
   :class:`OutputBudget` what waits for all of a service's peers and the suite's:
   over it, the peers holding the most are dropped first.
-- :class:`FailureDelays` slows down a peer whose logins keep failing (every
-  login answer to it waits), and :class:`DelayedAnswer` is how a session
-  waits out that delay.
+- :class:`FailureDelays` slows down an address whose logins keep failing
+  (every login answer to it waits) and bounds its logins in flight; one for
+  the suite (:func:`suite_logins`), keyed by :func:`login_key`, and
+  :class:`DelayedAnswer` is how a session waits out that delay.
 - :class:`LogBudget` bounds what a flood can write to the log.
 """
 
