@@ -34,14 +34,17 @@ from twisted.python.failure import Failure
 from sockproto import auth
 from sockproto.config import ChatSettings, Settings
 from sockproto.limits import (
+    LOGINS_IN_FLIGHT,
     BoundedLineReceiver,
     ConnectionPolicy,
-    FailureDelays,
     Login,
+    LoginSlot,
     OutputBuffer,
     at_turn_end,
+    login_key,
     peer_of,
     rate_limit,
+    suite_logins,
 )
 from sockproto.listening import Listener, stream_listener
 from sockproto.stats import ServiceStats, Stats
@@ -52,8 +55,6 @@ log = Logger(namespace="sockproto")
 NICK_RULE = "1 to 32 letters, digits, _ or -"
 _NICK = re.compile(r"[A-Za-z0-9_-]{1,32}", re.ASCII)
 _COMMAND = re.compile(r"/(\S*)\s*(.*)", re.DOTALL)
-# Longest wait before a failed login is answered (--chat-login-delay doubles up to it).
-LOGIN_DELAY_CAP = 30.0
 OVERFLOW_MESSAGE = b"error: too many users, try again later\r\n"
 
 # A client's line as text fit to relay (the suite's one rule: sockproto.text).
@@ -231,6 +232,7 @@ class ChatProtocol(BoundedLineReceiver):
     nick = ""  # set once the client is in the room
     _leaving = ""  # why the connection ends, once that is decided
     _flood_logged = False
+    _slot: LoginSlot | None = None  # a login's place among its address's logins in flight
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -467,6 +469,16 @@ class ChatProtocol(BoundedLineReceiver):
         if not valid_nick(user):
             self.send(error(f"that user name cannot be a nickname ({NICK_RULE})"))
             return
+        # At most a few logins in flight per address (FailureDelays.begin):
+        # one more is refused now, its password unchecked.
+        self._slot = self.factory.login_delays.begin(login_key(self.transport))
+        if self._slot is None:
+            self.service_stats.limit_hit("logins_in_flight")
+            log.info(
+                "chat: {peer} refused a login: too many logins in progress from its address", peer=self.peer
+            )
+            self.send(error("too many logins in progress from your address"))
+            return
         # Hold the client's later lines until the answer, which may be slowed.
         self._hold("login")
         checked = self.factory.authenticate(UsernamePassword(parts[1], parts[2]))
@@ -475,7 +487,7 @@ class ChatProtocol(BoundedLineReceiver):
     def _login_checked(self, result: Any, user: str) -> None:
         """Any login from an address whose logins failed is answered after
         its penalty, right password or not (FailureDelays: at most
-        LOGIN_DELAY_CAP), during which the client's later lines wait too."""
+        the suite's LOGIN_DELAY_CAP), during which the client's later lines wait too."""
         if self._leaving:
             return
         outcome = Login.SUCCEEDED
@@ -489,8 +501,10 @@ class ChatProtocol(BoundedLineReceiver):
                 )
             self.service_stats.counters["login_failed"] += 1
         accepted = outcome is Login.SUCCEEDED
+        slot, self._slot = self._slot, None  # the answer frees it, or its cancel
+        assert slot is not None
         pending = self.factory.login_delays.answer_later(
-            self._host(), outcome, lambda: self._answer_login(user, accepted)
+            slot, self.factory.settings.login_delay, outcome, lambda: self._answer_login(user, accepted)
         )
         if outcome is Login.FAILED:
             log.info(
@@ -529,9 +543,6 @@ class ChatProtocol(BoundedLineReceiver):
             self._enter(user)
         self._release("login")
 
-    def _host(self) -> str:
-        return str(getattr(self.transport.getPeer(), "host", None) or "local")
-
     # Joining and leaving.
 
     def _enter(self, nick: str) -> None:
@@ -555,6 +566,9 @@ class ChatProtocol(BoundedLineReceiver):
             if timer.active():
                 timer.cancel()
         self._timers.clear()
+        if self._slot is not None:  # a login being checked: no longer in flight
+            self._slot.free()
+            self._slot = None
         if self.room.closing:
             return
         if self.nick:
@@ -630,6 +644,7 @@ class ChatFactory(Factory):
         stats: ServiceStats,
         clock: Any,
         checkers: Sequence[ICredentialsChecker] = (),
+        logins_in_flight: int = LOGINS_IN_FLIGHT,
     ) -> None:
         self.settings = settings
         self.stats = stats
@@ -638,7 +653,7 @@ class ChatFactory(Factory):
         usable = [c for c in checkers if IUsernamePassword in c.credentialInterfaces]
         self.checker = auth.any_of(usable) if usable else None
         self.room = Room(settings.history)
-        self.login_delays = FailureDelays(settings.login_delay, LOGIN_DELAY_CAP, clock)
+        self.login_delays = suite_logins(clock, logins_in_flight)  # shared with POP3: the same users
         self._holding = False
 
     def authenticate(self, credentials: Any) -> Deferred[Any]:
@@ -672,7 +687,7 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
     chat = settings.chat
     service_stats = stats.service("chat", "lines")
     checkers = auth.checkers(settings) if chat.auth else []
-    factory = ChatFactory(chat, service_stats, reactor, checkers)
+    factory = ChatFactory(chat, service_stats, reactor, checkers, settings.suite.logins_in_flight)
     policy = ConnectionPolicy(
         max_clients=chat.max_clients,
         overflow_message=OVERFLOW_MESSAGE,

@@ -77,6 +77,13 @@ class SuiteSettings:
         "timeouts, bad requests, access lines, datagrams), all services together, RATE[/BURST]; "
         "the rest are counted and summed up every 10 s (0: all).",
     )
+    logins_in_flight: int = option(
+        2,
+        checks.positive,
+        "Chat and POP3 logins from one address (an IPv6 one's /64) checked or waiting their answer "
+        "at once, both services together; one more is refused at once, its password unchecked: "
+        "a guesser's guesses per penalty, however many connections it opens.",
+    )
 
 
 @dataclass(frozen=True)
@@ -114,9 +121,9 @@ class ChatSettings:
     login_delay: float = option(
         1.0,
         checks.seconds,
-        "Wait before answering a chat login from an address with failures: S * 2**(n-1) "
-        "for its n-th failure, and for a right password after n failures, at most 30 s; "
-        "an address with no failures is answered at once (0: no wait).",
+        "Wait before answering a chat login from an address with failures (on chat or POP3): "
+        "S * 2**(n-1) for its n-th failure, and for a right password after n failures, at most "
+        "30 s; an address with no failures is answered at once (0: no wait).",
     )
 
 
@@ -208,9 +215,9 @@ class Pop3Settings:
     auth_delay: float = option(
         1.0,
         checks.seconds,
-        "Delay before answering a POP3 login from a host with failures: S * 2**(n-1) "
-        "for its n-th failure, and for a right password after n failures, at most 30 s; "
-        "a host with no failures is answered at once (0: no delay).",
+        "Delay before answering a POP3 login from an address with failures (on POP3 or chat): "
+        "S * 2**(n-1) for its n-th failure, and for a right password after n failures, at most "
+        "30 s; an address with no failures is answered at once (0: no delay).",
     )
 
 

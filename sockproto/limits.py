@@ -11,14 +11,16 @@
 - :class:`OutputBuffer` bounds what waits to be sent to one slow peer, and
   :class:`OutputBudget` what waits for all of a service's peers and the suite's:
   over it, the peers holding the most are dropped first.
-- :class:`FailureDelays` slows down a peer whose logins keep failing (every
-  login answer to it waits), and :class:`DelayedAnswer` is how a session
-  waits out that delay.
+- :class:`FailureDelays` slows down an address whose logins keep failing
+  (every login answer to it waits) and bounds its logins in flight; one for
+  the suite (:func:`suite_logins`), keyed by :func:`login_key`, and
+  :class:`DelayedAnswer` is how a session waits out that delay.
 - :class:`LogBudget` bounds what a flood can write to the log.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -59,6 +61,10 @@ FAILURE_MEMORY = 600.0
 FAILURE_KEYS = 10000
 # Failures counted at most per address: past the cap more change nothing.
 _MAX_DOUBLINGS = 64
+# The longest a login's answer waits, and how many logins of one key
+# (login_key) may be in flight at once by default (--logins-in-flight).
+LOGIN_DELAY_CAP = 30.0
+LOGINS_IN_FLIGHT = 2
 
 # Most bytes held back to be sent in one go as a reactor turn ends (see GuardedProtocol);
 # a transport pauses its producer only beyond its buffer size, 64 KiB too.
@@ -1158,46 +1164,73 @@ class Login(Enum):
     REFUSED = "refused"  # neither (mailbox in use, an error): the count stays
 
 
+def login_key(transport: Any) -> str:
+    """Whose logins a connection's count as, for :class:`FailureDelays`.
+
+    An IPv4 address (an IPv4-mapped IPv6 one as IPv4); other IPv6 addresses
+    by their /64, as Dovecot does: a host is given a whole prefix, and
+    rotating through it would escape the penalty and flush the table. A
+    UNIX socket, or anything else, is one key: ``local``.
+    """
+    try:
+        host = transport.getPeer().host
+        address = ipaddress.ip_address(host.split("%", 1)[0])  # no IPv6 zone
+    except Exception:  # no host (a UNIX socket), or not an IP address
+        return "local"
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 class FailureDelays:
-    """How long the answer to a login attempt is held back, per key (a peer's
-    address): longer for one whose logins keep failing.
+    """How long the answer to a login attempt is held back, per key (see
+    :func:`login_key`): longer for one whose logins keep failing, and how
+    many may be in progress at once.
 
     A key with n failures counted has the penalty ``min(cap, base *
-    2**(n-1))`` seconds, and the answer to ANY login attempt from it waits
-    that long, as with Dovecot's auth penalty: a failure counts first (so
-    its answer waits the new penalty), a success waits the current one and
-    only then clears the count. Answering a right password at once would be
-    an oracle: a client that gets no answer within milliseconds knows its
-    guess was wrong, hangs up and tries the next, and no delay slows it. A
-    key with no failures is answered at once.
+    2**(n-1))`` seconds (``base``: the service's own setting), and the
+    answer to ANY login attempt from it waits that long, as with Dovecot's
+    auth penalty: a failure counts first (so its answer waits the new
+    penalty), a success waits the current one and only then clears the
+    count. Answering a right password at once would be an oracle: a client
+    that gets no answer within milliseconds knows its guess was wrong,
+    hangs up and tries the next, and no delay slows it. A key with no
+    failures is answered at once.
 
     Waits are computed from the count, never added to the waits already
-    running, so however many tries come at once, on however many
-    connections, no answer waits longer than ``cap``. The counts are a
-    bounded table: a key forgotten ``forget`` seconds after its last
-    failure, at most ``max_keys`` kept (the least recently failed forgotten
-    first), so a flood from many addresses costs bounded memory. ``base`` 0
-    turns the delays off.
+    running, so no answer waits longer than ``cap``. What bounds the guess
+    rate is the number of logins in flight (being checked, or their answer
+    waiting): at most ``in_flight`` per key, so a key gets at most that many
+    guesses per penalty however many connections it opens. :meth:`begin`
+    refuses one more at once, before its password is checked, so the
+    refusal says nothing about it. The counts are a bounded table: a key
+    forgotten ``forget`` seconds after its last failure, at most
+    ``max_keys`` kept (the least recently failed forgotten first), so a
+    flood from many addresses costs bounded memory; the logins in flight
+    are at most one per connection.
 
-    :meth:`answer_later` is the one way a session waits out the penalty: a
-    :class:`DelayedAnswer` it must cancel once its peer goes away.
+    One table for the suite (:func:`suite_logins`): POP3 and chat check the
+    same users, so a guess on one is penalized on the other.
     """
 
     def __init__(
         self,
-        base: float,
         cap: float,
         clock: IReactorTime,
         forget: float = FAILURE_MEMORY,
         max_keys: int = FAILURE_KEYS,
+        in_flight: int = LOGINS_IN_FLIGHT,
     ) -> None:
-        self.base = base
         self.cap = cap
         self.clock = clock
         self.forget = forget
         self.max_keys = max_keys
+        self.in_flight = in_flight
         # key -> [failures counted, time of the last one], least recent first
         self._keys: OrderedDict[Hashable, list[float]] = OrderedDict()
+        self._flying: Counter[Hashable] = Counter()  # key -> logins in flight
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -1208,16 +1241,16 @@ class FailureDelays:
         entry = self._keys.get(key)
         return 0 if entry is None else int(entry[0])
 
-    def penalty(self, key: Hashable) -> float:
+    def penalty(self, key: Hashable, base: float) -> float:
         """Seconds the answer to a login attempt from ``key`` waits now: 0
-        with no failures counted, else ``min(cap, base * 2**(n-1))``."""
+        with no failures counted (or ``base`` 0), else ``min(cap, base *
+        2**(n-1))``."""
         failures = self.failures(key)
-        return min(self.cap, self.base * 2 ** (failures - 1)) if failures and self.base else 0.0
+        return min(self.cap, base * 2 ** (failures - 1)) if failures and base else 0.0
 
-    def failed(self, key: Hashable) -> float:
-        """Count a failure of ``key``; the seconds its answer waits."""
-        if not self.base:
-            return 0.0
+    def failed(self, key: Hashable, base: float) -> float:
+        """Count a failure of ``key`` (whatever ``base``: another service
+        may delay its answers); the seconds its answer waits."""
         self._expire()
         entry = self._keys.pop(key, None) or [0, 0.0]
         # Past the cap the count only needs to stay there: 2**n stays small.
@@ -1226,31 +1259,54 @@ class FailureDelays:
         self._keys[key] = entry
         while len(self._keys) > self.max_keys:
             self._keys.popitem(last=False)
-        return self.penalty(key)
+        return self.penalty(key, base)
 
     def succeeded(self, key: Hashable) -> None:
         self._keys.pop(key, None)
 
+    def flying(self, key: Hashable) -> int:
+        """The logins of ``key`` in flight."""
+        return self._flying[key]
+
+    def begin(self, key: Hashable) -> LoginSlot | None:
+        """A slot for a login attempt from ``key``, taken before its password
+        is checked; None if ``key`` has ``in_flight`` already (refuse it now,
+        unchecked). The session frees it when its peer goes away; an answer
+        frees it as it is given (:meth:`answer_later`)."""
+        if self._flying[key] >= self.in_flight:
+            return None
+        self._flying[key] += 1
+        return LoginSlot(self, key)
+
+    def _free(self, key: Hashable) -> None:
+        self._flying[key] -= 1
+        if self._flying[key] <= 0:
+            del self._flying[key]
+
     def answer_later(
         self,
-        key: Hashable,
+        slot: LoginSlot,
+        base: float,
         outcome: Login,
         answer: Callable[[], object],
         release: Callable[[], object] | None = None,
     ) -> DelayedAnswer | None:
-        """Call ``answer`` once the penalty of ``key`` is over: a failure is
-        counted first, a success clears the count just before its answer
-        (so a success whose peer hung up first clears nothing). With no
-        penalty, answer now and return None; else the session holds its
-        further commands until the answer, and cancels it if its peer goes
-        away, which calls ``release`` (what was opened for the answer)."""
-        seconds = self.failed(key) if outcome is Login.FAILED else self.penalty(key)
+        """Call ``answer`` once the penalty of the slot's key is over, then
+        free the slot: a failure is counted first, a success clears the
+        count just before its answer (so a success whose peer hung up first
+        clears nothing). With no penalty, answer now and return None; else
+        the session holds its further commands until the answer, and
+        cancels it if its peer goes away, which frees the slot and calls
+        ``release`` (what was opened for the answer)."""
+        key = slot.key
+        seconds = self.failed(key, base) if outcome is Login.FAILED else self.penalty(key, base)
         if outcome is Login.SUCCEEDED:
             answer = _after(lambda: self.succeeded(key), answer)
+        answer = _after(slot.free, answer)
         if seconds <= 0:
             answer()
             return None
-        return DelayedAnswer(self.clock, seconds, answer, release)
+        return DelayedAnswer(self.clock, seconds, answer, _after(slot.free, release or _nothing))
 
     def _expire(self) -> None:
         keys, limit = self._keys, self.clock.seconds() - self.forget
@@ -1259,6 +1315,38 @@ class FailureDelays:
             if oldest[1] > limit:
                 return
             keys.popitem(last=False)
+
+
+class LoginSlot:
+    """One login in flight for a key of :class:`FailureDelays`."""
+
+    def __init__(self, delays: FailureDelays, key: Hashable) -> None:
+        self.key = key
+        self._delays: FailureDelays | None = delays
+
+    def free(self) -> None:
+        """Give the slot back (any number of times)."""
+        delays, self._delays = self._delays, None
+        if delays is not None:
+            delays._free(self.key)
+
+
+_suite_logins: WeakKeyDictionary[Any, FailureDelays] = WeakKeyDictionary()
+
+
+def suite_logins(clock: Any, in_flight: int = LOGINS_IN_FLIGHT) -> FailureDelays:
+    """The suite's failed-login table: one for all services of a process,
+    as they check the same users (found by its reactor, or a test's Clock),
+    with ``in_flight`` (--logins-in-flight)."""
+    found = _suite_logins.get(clock)
+    if found is None:
+        found = _suite_logins[clock] = FailureDelays(LOGIN_DELAY_CAP, clock)
+    found.in_flight = in_flight
+    return found
+
+
+def _nothing() -> None:
+    pass
 
 
 def _after(first: Callable[[], object], then: Callable[[], object]) -> Callable[[], None]:

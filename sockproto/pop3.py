@@ -43,12 +43,16 @@ from sockproto import __version__, auth
 from sockproto.config import ConfigError, Settings
 from sockproto.endpoints import loopback_only, stream_description
 from sockproto.limits import (
+    LOGIN_DELAY_CAP,
+    LOGINS_IN_FLIGHT,
     BoundedLineReceiver,
     ConnectionPolicy,
     DelayedAnswer,
-    FailureDelays,
     Login,
+    LoginSlot,
+    login_key,
     peer_of,
+    suite_logins,
 )
 from sockproto.listening import Listener, StartupError, stream_listener
 from sockproto.maildir import TMP_MAX_AGE, IMaildrop, MailboxInUseError, Maildrop, WireReader, valid_user
@@ -64,8 +68,8 @@ MAX_COMMAND = 255
 MAX_LINE = 8192
 # Unhandled input kept while a command waits, before the socket is paused.
 MAX_BACKLOG = MAX_LINE
-# The longest a failed login's answer is held back, however many failures.
-MAX_AUTH_DELAY = 30.0
+# The longest a login's answer is held back, however many failures (the suite's).
+MAX_AUTH_DELAY = LOGIN_DELAY_CAP
 SHUTTING_DOWN = b"-ERR [SYS/TEMP] server shutting down\r\n"
 
 AUTHORIZATION, TRANSACTION, UPDATE = "AUTHORIZATION", "TRANSACTION", "UPDATE"
@@ -183,6 +187,7 @@ class Pop3Protocol(BoundedLineReceiver):
         self._user: bytes | None = None
         self._sasl = False  # the next line is an AUTH PLAIN response
         self._waiting: Any = None  # a login being checked, or the DelayedAnswer of its answer
+        self._slot: LoginSlot | None = None  # its place among its address's logins in flight
         self._transfer: WireReader | None = None  # the RETR/TOP being sent
         self._file: Any = None
         self._output_full = False  # the transport asked us to pause
@@ -245,6 +250,7 @@ class Pop3Protocol(BoundedLineReceiver):
         self._lost = True
         if isinstance(self._waiting, DelayedAnswer):
             self._waiting.cancel()  # a login's answer: no one to tell (its mailbox closed)
+        self._free_slot()  # a login being checked: no longer in flight
         self._end_transfer()
         if self.maildrop is not None:
             drop, self.maildrop = self.maildrop, None
@@ -483,7 +489,7 @@ class Pop3Protocol(BoundedLineReceiver):
         if line in (b"", b"="):
             # RFC 5034: an empty response (``=`` as the initial response, an
             # empty line after ``+``) names no one: a failed login like any other.
-            return self._failed(b"")
+            return self._failed_at_once(b"")
         try:
             decoded = binascii.a2b_base64(line, strict_mode=True)
         except binascii.Error:
@@ -493,10 +499,35 @@ class Pop3Protocol(BoundedLineReceiver):
             return self._err(b"malformed AUTH PLAIN response")
         authzid, user, password = parts
         if authzid and authzid != user:  # acting as another user: not here
-            return self._failed(user)
+            return self._failed_at_once(user)
         return self._login(UsernamePassword(user, password), user)
 
+    def _failed_at_once(self, user: bytes) -> None:
+        """A login that fails without a check: in flight, and delayed, like any."""
+        if self._take_slot():
+            self._failed(user)
+
+    def _take_slot(self) -> bool:
+        """A place among this address's logins in flight (FailureDelays.begin);
+        without one the login is refused now, its password unchecked."""
+        self._slot = self.factory.failed_logins.begin(login_key(self.transport))
+        if self._slot is not None:
+            return True
+        self.service_stats.limit_hit("logins_in_flight")
+        log.info(
+            "pop3: {peer}: refused a login: too many logins in progress from its address", peer=self.peer
+        )
+        self._err(b"[AUTH] too many logins in progress from your address")
+        return False
+
+    def _free_slot(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.free()
+
     def _login(self, credentials: Any, user: bytes) -> None:
+        if not self._take_slot():
+            return
         checked = self.factory.portal.login(credentials, None, IMaildrop)
         # Until it has an answer, the commands pipelined after wait. Not
         # ``checked.called``: that is true already when the checker answered
@@ -582,7 +613,11 @@ class Pop3Protocol(BoundedLineReceiver):
         commands after it held meanwhile; others are served. Unanswered if
         the peer has hung up (no one would read it) or the server stops (the
         shutdown line answers it, and says nothing about the password)."""
-        pending = self.factory.failed_logins.answer_later(self._host(), outcome, answer, release)
+        slot, self._slot = self._slot, None  # the answer frees it, or its cancel
+        assert slot is not None
+        pending = self.factory.failed_logins.answer_later(
+            slot, self.factory.auth_delay, outcome, answer, release
+        )
         if pending is None:
             if outcome is Login.FAILED:
                 log.info("pop3: {peer}: login failed for {user}", peer=self.peer, user=loggable(user))
@@ -611,10 +646,6 @@ class Pop3Protocol(BoundedLineReceiver):
         self._waiting = pending
         self._update()
 
-    def _host(self) -> str:
-        """The key of this client's failed logins: its address."""
-        return str(getattr(self.transport.getPeer(), "host", self.peer))
-
     def _answer_failed(self) -> None:
         self._waiting = None
         self._err(b"[AUTH] invalid user name or password")
@@ -622,6 +653,7 @@ class Pop3Protocol(BoundedLineReceiver):
 
     def _unexpected(self, failure: Failure, what: str) -> None:
         self._waiting = None
+        self._free_slot()
         log.failure("pop3: {peer}: error in {what}", failure, peer=self.peer, what=what)
         if not self._lost:
             self._err(b"[SYS/TEMP] internal error")
@@ -766,6 +798,7 @@ class Pop3Factory(Factory):
         tls: Any = None,
         require_tls: bool = False,
         auth_delay: float = 1.0,
+        logins_in_flight: int = LOGINS_IN_FLIGHT,
         anyone: bool = False,
         warn_plaintext: bool = False,
     ) -> None:
@@ -777,7 +810,8 @@ class Pop3Factory(Factory):
         self.require_tls = require_tls
         self.anyone = anyone
         self.warn_plaintext = warn_plaintext
-        self.failed_logins = FailureDelays(auth_delay, MAX_AUTH_DELAY, clock)
+        self.auth_delay = auth_delay
+        self.failed_logins = suite_logins(clock, logins_in_flight)  # shared with chat: the same users
         # For the APOP timestamp, a msg-id: <random.time@host>.
         self.hostname = (
             re.sub(rb"[^A-Za-z0-9.-]", b"", socket.gethostname().encode("ascii", "ignore")) or b"localhost"
@@ -909,6 +943,7 @@ def build(settings: Settings, stats: Stats, reactor: Any) -> Listener | None:
         tls=tls,
         require_tls=pop3.require_tls,
         auth_delay=pop3.auth_delay,
+        logins_in_flight=suite.logins_in_flight,
         anyone=not checkers,
         warn_plaintext=bool(checkers) and beyond_loopback and not (pop3.require_tls or implicit_tls),
     )

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import chat
 from sockproto.config import ChatSettings
-from sockproto.limits import ConnectionPolicy, GuardedFactory
+from sockproto.limits import LOGIN_DELAY_CAP, ConnectionPolicy, GuardedFactory, suite_logins
 from sockproto.stats import ServiceStats
 from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS
 
@@ -921,22 +921,27 @@ class LoginTests(ChatTestCase):
         # Answered at once while a wrong one waits, it told a guesser within
         # milliseconds that its guess was wrong: hang up, try the next. (And
         # before that, 40 wrong logins at once made it wait over 1000 s.)
-        for _ in range(40):
-            self.connect("10.0.0.1").send("/login alice nope")
+        self.fail_logins(40)
         self.clock.advance(0.4)
         alice = self.connect("10.0.0.1")
         alice.received()
         alice.send("/login alice secret", "/who")
-        self.clock.advance(chat.LOGIN_DELAY_CAP - 0.5)
+        self.clock.advance(LOGIN_DELAY_CAP - 0.5)
         self.assertEqual(alice.received(), [])  # nor is /who answered before it
         self.assertEqual(self.chat_factory.login_delays.failures("10.0.0.1"), 40)
         self.clock.advance(0.5)
         self.assertEqual(alice.received()[0], "*** welcome, alice; /help lists the commands")
         self.assertEqual(self.chat_factory.login_delays.failures("10.0.0.1"), 0)  # it starts afresh
 
+    def fail_logins(self, times: int, host: str = "10.0.0.1") -> None:
+        """Wrong logins from ``host`` that hang up at once: counted, not in flight."""
+        for _ in range(times):
+            guess = self.connect(host)
+            guess.send("/login alice nope")
+            guess.lose()
+
     def test_right_password_waits_the_current_penalty_and_from_a_clean_address_none(self) -> None:
-        for _ in range(3):
-            self.connect("10.0.0.1").send("/login alice nope")
+        self.fail_logins(3)
         clean = self.connect("10.0.0.2")
         clean.received()
         clean.send("/login bob pass word")
@@ -966,21 +971,63 @@ class LoginTests(ChatTestCase):
         self.assertEqual(self.chat_factory.login_delays.failures("127.0.0.1"), 1)  # not cleared
         self.assertEqual(self.chat_factory.room.members, {})  # never joined
 
-    def test_no_failed_login_waits_longer_than_the_cap(self) -> None:
+    def test_logins_in_flight_per_address_are_bounded(self) -> None:
+        # Each answer waited only its own penalty: 40 connections held 40
+        # guesses in flight at once, retried as each answer came.
         guesses = [self.connect("10.0.0.1") for _ in range(40)]
         for guess in guesses:
             guess.received()
-            guess.send("/login alice nope")
-        self.clock.advance(chat.LOGIN_DELAY_CAP - 0.5)
-        answered = sum(guess.received() == ["error: login failed"] for guess in guesses)
-        self.assertEqual(answered, 5)  # after 1, 2, 4, 8, 16 s
-        self.clock.advance(0.5)
-        self.assertEqual([guess.received() for guess in guesses[5:]], [["error: login failed"]] * 35)
-        # The next failure from there waits the cap too, not behind the others.
+        with capturedLogs() as events:
+            for guess in guesses:
+                guess.send("/login alice nope")
+        busy = ["error: too many logins in progress from your address"]
+        self.assertEqual([guess.received() for guess in guesses[2:]], [busy] * 38)  # at once
+        self.assertEqual(self.stats.counters["login_failed"], 2)  # unchecked
+        self.assertEqual(self.stats.limits["logins_in_flight"], 38)
+        refusals = [e for e in events if "too many logins" in e.get("log_format", "")]
+        self.assertEqual((len(refusals), refusals[0]["peer"]), (38, f"10.0.0.1:{self.port - 37}"))
+        # The right password, refused the same way: nothing said about it.
+        alice = self.connect("10.0.0.1")
+        alice.received()
+        alice.send("/login alice secret")
+        self.assertEqual(alice.received(), busy)
+        self.clock.advance(1)
+        self.assertEqual(guesses[0].received(), ["error: login failed"])
+        alice.send("/login alice secret")  # a slot is free again: checked
+        self.clock.advance(2)  # the penalty after 2 failures: 2 s
+        self.assertEqual(alice.received(), ["*** welcome, alice; /help lists the commands"])
+        self.assertEqual(guesses[1].received(), ["error: login failed"])
+
+    def test_logins_in_flight_is_an_option(self) -> None:
+        # --logins-in-flight 1: the suite's one table (a factory built with it, same reactor).
+        chat.ChatFactory(ChatSettings(auth=True), self.stats, self.clock, logins_in_flight=1)
+        first, second = self.connect(), self.connect()
+        first.received()
+        second.received()
+        first.send("/login alice nope")
+        second.send("/login alice secret")
+        self.assertEqual(second.received(), ["error: too many logins in progress from your address"])
+
+    def test_other_services_count_the_same_failures(self) -> None:
+        # One table for the suite: POP3 checks the same users.
+        self.assertIs(self.chat_factory.login_delays, suite_logins(self.clock))
+        suite_logins(self.clock).failed("10.0.0.1", 0.5)
+        suite_logins(self.clock).failed("10.0.0.1", 0.5)
+        alice = self.connect("10.0.0.1")
+        alice.received()
+        alice.send("/login alice secret")
+        self.clock.advance(1.9)  # chat's own base: 1 s * 2**(2-1)
+        self.assertEqual(alice.received(), [])
+        self.clock.advance(0.1)
+        self.assertEqual(alice.received(), ["*** welcome, alice; /help lists the commands"])
+
+    def test_no_failed_login_waits_longer_than_the_cap(self) -> None:
+        self.fail_logins(40)
+        # The next failure from there waits the cap, not behind the others.
         late = self.connect("10.0.0.1")
         late.received()
         late.send("/login alice nope")
-        self.clock.advance(chat.LOGIN_DELAY_CAP)
+        self.clock.advance(LOGIN_DELAY_CAP)
         self.assertEqual(late.received(), ["error: login failed"])
 
     def test_hang_up_while_a_failed_answer_waits_frees_the_slot(self) -> None:

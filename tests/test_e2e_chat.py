@@ -12,7 +12,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from sockproto.chat import LOGIN_DELAY_CAP
+from sockproto.limits import LOGIN_DELAY_CAP
 from tests.support import ALL_OFF, Suite, recv_all, recv_until, wait_for
 
 
@@ -282,14 +282,22 @@ class LoginEndToEndTests(SynchronousTestCase):
         """40 wrong logins at once from one address made the right one wait
         for all their queued waits (some 18 minutes); then it was answered at
         once, which told a guesser to hang up and try the next. Now it waits
-        the address's penalty: 0.25 s * 2**(4-1) after 4 failures."""
+        the address's penalty: 0.25 s * 2**(4-1) after 4 failures. (Two
+        logins in flight at a time from one address: two connections, each
+        trying twice, its second when the first is answered.)"""
         suite = chat_suite(self, "--chat-auth", "--auth", "memory:alice:secret", "--chat-login-delay", "0.25")
-        for _ in range(4):
+        guessers = []
+        for _ in range(2):
             sock = suite.connect("chat")
             self.addCleanup(sock.close)
             recv_until(sock, lambda d: d.endswith(b"\n"))
-            sock.sendall(b"/login alice wrong\n")
-        wait_for(lambda: suite.output.count("failed to log in as alice") >= 4, what="4 failed logins")
+            sock.sendall(b"/login alice wrong\n/login alice wrong\n")
+            guessers.append(sock)
+        for sock in guessers:
+            self.assertEqual(
+                recv_until(sock, lambda d: line_count(d) >= 2, timeout=LOGIN_DELAY_CAP),
+                b"error: login failed\r\n" * 2,
+            )
         with suite.connect("chat") as sock:
             recv_until(sock, lambda d: d.endswith(b"\n"))
             started = time.monotonic()
@@ -320,7 +328,9 @@ class LoginEndToEndTests(SynchronousTestCase):
             with suite.connect("chat") as sock:
                 recv_until(sock, lambda d: d.endswith(b"\n"))
                 sock.sendall(b"/login alice wrong\n")
-        wait_for(lambda: suite.output.count("failed to log in as alice") >= 10, what="10 failed logins")
+        # Each checked (or, while two were still in flight, refused at once).
+        tried = ("failed to log in as alice", "refused a login: too many logins in progress")
+        wait_for(lambda: sum(map(suite.output.count, tried)) >= 10, what="10 logins tried")
 
         def welcomed() -> bool:
             with suite.connect("chat") as sock:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -15,13 +15,18 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import config
 from sockproto.limits import (
+    LOGIN_DELAY_CAP,
+    LOGINS_IN_FLIGHT,
     SHUTDOWN_GRACE,
     ConnectionPolicy,
+    DelayedAnswer,
     FailureDelays,
     GuardedFactory,
     Login,
     OutputBudget,
     OutputBuffer,
+    login_key,
+    suite_logins,
     suite_output,
 )
 from sockproto.stats import ServiceStats
@@ -222,75 +227,86 @@ class OutputBudgetTests(SynchronousTestCase):
 class FailureDelaysTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.delays = FailureDelays(1.0, 8.0, self.clock, forget=600)
+        self.delays = FailureDelays(8.0, self.clock, forget=600)
+
+    def later(
+        self, key: str, outcome: Login, answer: Any, release: Any = None, base: float = 1.0
+    ) -> DelayedAnswer | None:
+        """A login from ``key`` that takes its slot and is answered after its penalty."""
+        slot = self.delays.begin(key)
+        assert slot is not None
+        return self.delays.answer_later(slot, base, outcome, answer, release)
 
     def test_doubles_up_to_the_cap(self) -> None:
         waits = []
         for _ in range(6):
-            waits.append(self.delays.failed("a"))
+            waits.append(self.delays.failed("a", 1.0))
             self.clock.advance(waits[-1])
         self.assertEqual(waits, [1, 2, 4, 8, 8, 8])
 
     def test_waits_of_tries_at_once_do_not_add_up(self) -> None:
         # Five tries at once, on five connections: each its own wait from
         # the count, none queued behind the others (that gave 1, 3, 7, 15, 23).
-        self.assertEqual([self.delays.failed("a") for _ in range(5)], [1, 2, 4, 8, 8])
+        self.assertEqual([self.delays.failed("a", 1.0) for _ in range(5)], [1, 2, 4, 8, 8])
         self.assertEqual(self.delays.failures("a"), 5)
         self.assertEqual(self.delays.failures("b"), 0)
 
     def test_no_answer_waits_longer_than_the_cap(self) -> None:
         # However many failures came before (2**n of them would overflow a float).
-        waits = [self.delays.failed("a") for _ in range(5000)]
+        waits = [self.delays.failed("a", 1.0) for _ in range(5000)]
         self.assertEqual(max(waits), 8)
         self.assertEqual(waits[-1], 8)
 
     def test_success_forgets(self) -> None:
-        self.delays.failed("a")
-        self.delays.failed("a")
+        self.delays.failed("a", 1.0)
+        self.delays.failed("a", 1.0)
         self.delays.succeeded("a")
-        self.assertEqual((self.delays.failures("a"), self.delays.failed("a")), (0, 1))
+        self.assertEqual((self.delays.failures("a"), self.delays.failed("a", 1.0)), (0, 1))
 
     def test_quiet_peers_forgotten(self) -> None:
         for _ in range(3):
-            self.delays.failed("a")
+            self.delays.failed("a", 1.0)
         self.clock.advance(599)
         self.assertEqual(self.delays.failures("a"), 3)
         self.clock.advance(1)  # 600 s after its last failure
         self.assertEqual(self.delays.failures("a"), 0)
         self.assertEqual(len(self.delays), 0)
-        self.assertEqual(self.delays.failed("a"), 1)
+        self.assertEqual(self.delays.failed("a", 1.0), 1)
 
     def test_bounded_least_recently_failed_forgotten_first(self) -> None:
-        delays = FailureDelays(1.0, 8.0, self.clock, max_keys=100)
-        delays.failed("old")
-        delays.failed("busy")
+        delays = FailureDelays(8.0, self.clock, max_keys=100)
+        delays.failed("old", 1.0)
+        delays.failed("busy", 1.0)
         for source in range(10_000):
-            delays.failed(source)
+            delays.failed(source, 1.0)
             if source % 50 == 0:
-                delays.failed("busy")
+                delays.failed("busy", 1.0)
         self.assertEqual(len(delays), 100)
         self.assertEqual((delays.failures("old"), delays.failures(9999)), (0, 1))
         self.assertGreater(delays.failures("busy"), 0)
 
-    def test_zero_base_is_off(self) -> None:
-        delays = FailureDelays(0, 8.0, self.clock)
-        self.assertEqual([delays.failed("a") for _ in range(10)], [0] * 10)
-        self.assertEqual((delays.failures("a"), len(delays)), (0, 0))
+    def test_zero_base_answers_at_once_but_counts(self) -> None:
+        # A service with no delay answers at once; its failures still count
+        # for the other services sharing the table (POP3 and chat).
+        self.assertEqual([self.delays.failed("a", 0) for _ in range(3)], [0] * 3)
+        self.assertEqual(self.delays.failures("a"), 3)
         answers: list[str] = []
-        self.assertIsNone(delays.answer_later("a", Login.FAILED, lambda: answers.append("now")))
-        self.assertEqual(answers, ["now"])
+        self.assertIsNone(self.later("a", Login.FAILED, lambda: answers.append("now"), base=0))
+        self.assertEqual((answers, self.delays.flying("a")), (["now"], 0))
+        self.assertEqual(self.delays.penalty("a", 1.0), 8)  # another service's answers wait
 
     def test_answer_later_waits_and_can_be_cancelled(self) -> None:
         answers: list[int] = []
-        first = self.delays.answer_later("a", Login.FAILED, lambda: answers.append(1))
-        second = self.delays.answer_later("a", Login.FAILED, lambda: answers.append(2))
+        first = self.later("a", Login.FAILED, lambda: answers.append(1))
+        second = self.later("a", Login.FAILED, lambda: answers.append(2))
         assert first is not None and second is not None
         self.assertEqual((first.seconds, second.seconds), (1, 2))
         second.cancel()  # its peer went away
         second.cancel()
         self.assertFalse(second.active())
+        self.assertEqual(self.delays.flying("a"), 1)  # its slot freed at once
         self.clock.advance(1)
-        self.assertEqual((answers, first.active()), ([1], False))
+        self.assertEqual((answers, first.active(), self.delays.flying("a")), ([1], False, 0))
         first.cancel()  # answered already: nothing to do
         self.clock.advance(10)
         self.assertEqual((answers, self.clock.getDelayedCalls()), ([1], []))
@@ -299,13 +315,14 @@ class FailureDelaysTests(SynchronousTestCase):
         # Dovecot's auth penalty: a right password answered at once, while a
         # wrong one waits, tells the guesser to hang up and try the next.
         answers: list[str] = []
-        self.assertIsNone(self.delays.answer_later("a", Login.SUCCEEDED, lambda: answers.append("clean")))
+        self.assertIsNone(self.later("a", Login.SUCCEEDED, lambda: answers.append("clean")))
         self.assertEqual(answers, ["clean"])  # no failures: at once
         for _ in range(3):
-            self.delays.failed("a")
-        self.assertEqual(self.delays.penalty("a"), 4)
-        right = self.delays.answer_later("a", Login.SUCCEEDED, lambda: answers.append("right"))
-        refused = self.delays.answer_later("a", Login.REFUSED, lambda: answers.append("in use"))
+            self.delays.failed("a", 1.0)
+        self.assertEqual(self.delays.penalty("a", 1.0), 4)
+        self.assertEqual(self.delays.penalty("a", 0.5), 2)  # each service's own base
+        right = self.later("a", Login.SUCCEEDED, lambda: answers.append("right"))
+        refused = self.later("a", Login.REFUSED, lambda: answers.append("in use"))
         assert right is not None and refused is not None
         self.assertEqual((right.seconds, refused.seconds), (4, 4))  # the current penalty
         self.assertEqual(self.delays.failures("a"), 3)  # no increment, not cleared yet
@@ -314,36 +331,105 @@ class FailureDelaysTests(SynchronousTestCase):
         self.clock.advance(0.1)
         self.assertEqual(answers, ["clean", "right", "in use"])
         self.assertEqual(self.delays.failures("a"), 0)  # cleared once answered
-        self.assertEqual(self.delays.penalty("b"), 0)
+        self.assertEqual(self.delays.penalty("b", 1.0), 0)
 
     def test_a_success_waits_at_most_the_cap(self) -> None:
         for _ in range(5000):
-            self.delays.failed("a")
-        right = self.delays.answer_later("a", Login.SUCCEEDED, lambda: None)
+            self.delays.failed("a", 1.0)
+        right = self.later("a", Login.SUCCEEDED, lambda: None)
         assert right is not None
         self.assertEqual(right.seconds, 8)
 
     def test_cancelled_success_releases_and_clears_nothing(self) -> None:
         released: list[str] = []
-        self.delays.failed("a")
-        right = self.delays.answer_later(
+        self.delays.failed("a", 1.0)
+        right = self.later(
             "a", Login.SUCCEEDED, lambda: released.append("answered"), lambda: released.append("released")
         )
         assert right is not None
         right.cancel()  # its peer hung up
         right.cancel()
-        self.assertEqual(released, ["released"])
+        self.assertEqual((released, self.delays.flying("a")), (["released"], 0))
         self.clock.advance(10)
         self.assertEqual((released, self.clock.getDelayedCalls()), (["released"], []))
         # The guesser learns nothing from the next penalty either.
         self.assertEqual(self.delays.failures("a"), 1)
-        answered = self.delays.answer_later(
-            "a", Login.SUCCEEDED, lambda: None, lambda: released.append("late")
-        )
+        answered = self.later("a", Login.SUCCEEDED, lambda: None, lambda: released.append("late"))
         assert answered is not None
         self.clock.advance(1)
         answered.cancel()  # answered already: nothing to release
         self.assertEqual(released, ["released"])
+
+    def test_logins_in_flight_per_key_are_bounded(self) -> None:
+        # Each answer waits only its own penalty, so without a bound a key
+        # held a guess on every connection it could open: ~100 per 30 s.
+        first, second = self.delays.begin("a"), self.delays.begin("a")
+        assert first is not None and second is not None
+        self.assertIsNone(self.delays.begin("a"))  # refused, nothing checked
+        self.assertIsNotNone(self.delays.begin("b"))  # other keys are not held up
+        first.free()  # its peer hung up while the password was checked
+        first.free()
+        third = self.delays.begin("a")
+        assert third is not None
+        wait = self.delays.answer_later(third, 1.0, Login.FAILED, lambda: None)
+        assert wait is not None
+        self.assertIsNone(self.delays.begin("a"))  # the waiting answer is in flight
+        self.clock.advance(wait.seconds)
+        self.assertEqual(self.delays.flying("a"), 1)  # answered: freed
+        second.free()
+        self.assertEqual(self.delays.flying("a"), 0)
+
+    def test_guesses_per_key_are_bounded_by_the_penalty(self) -> None:
+        # A guesser with 100 connections that retries on each as soon as it
+        # is answered gets LOGINS_IN_FLIGHT guesses per cap, not 100.
+        delays = FailureDelays(8.0, self.clock)
+        for _ in range(10):
+            delays.failed("a", 1.0)  # at the cap
+        checked = 0
+
+        def guess() -> None:
+            nonlocal checked
+            slot = delays.begin("a")
+            if slot is None:
+                return
+            checked += 1
+            delays.answer_later(slot, 1.0, Login.FAILED, guess)
+
+        for _ in range(100):
+            guess()
+        self.clock.pump([1.0] * 80)  # 80 s: ten caps
+        self.assertEqual(checked, LOGINS_IN_FLIGHT * 11)
+
+    def test_one_table_for_the_suite_per_reactor(self) -> None:
+        table = suite_logins(self.clock)
+        self.assertIs(suite_logins(self.clock), table)
+        self.assertIsNot(suite_logins(Clock()), table)
+        self.assertEqual((table.cap, table.in_flight), (LOGIN_DELAY_CAP, LOGINS_IN_FLIGHT))
+
+
+class LoginKeyTests(SynchronousTestCase):
+    def key(self, address: Any) -> str:
+        transport = StringTransport(peerAddress=address)
+        return login_key(transport)
+
+    def test_ipv4_is_its_address(self) -> None:
+        self.assertEqual(self.key(IPv4Address("TCP", "10.0.0.1", 1234)), "10.0.0.1")
+
+    def test_ipv4_mapped_ipv6_is_ipv4(self) -> None:
+        self.assertEqual(self.key(IPv6Address("TCP", "::ffff:10.0.0.1", 1234)), "10.0.0.1")
+
+    def test_other_ipv6_is_its_slash_64(self) -> None:
+        # Rotating through a prefix would escape the penalty and flush the table.
+        one = self.key(IPv6Address("TCP", "2001:db8:1:2:aaaa::1", 1))
+        other = self.key(IPv6Address("TCP", "2001:db8:1:2:ffff:1:2:3%eth0", 2))
+        self.assertEqual((one, other), ("2001:db8:1:2::/64", "2001:db8:1:2::/64"))
+        self.assertEqual(self.key(IPv6Address("TCP", "2001:db8:1:3::1", 1)), "2001:db8:1:3::/64")
+
+    def test_unix_sockets_and_anything_else_are_local(self) -> None:
+        self.assertEqual(self.key(UNIXAddress(b"/tmp/client.sock")), "local")
+        self.assertEqual(self.key(UNIXAddress(None)), "local")
+        self.assertEqual(self.key(IPv4Address("TCP", "not-an-address", 1)), "local")
+        self.assertEqual(login_key(object()), "local")
 
 
 class Farewell(Protocol):

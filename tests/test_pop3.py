@@ -340,7 +340,13 @@ class LoginTests(SynchronousTestCase):
         self.server.clock.advance(2)
         self.assertEqual(self.client.take(), refused)
         self.assertEqual(self.server.stats.counters["login_failures"], 2)
-        self.assertIn(b"+OK alice's maildrop", self.client.login())
+        self.assertEqual(self.server.factory.failed_logins.failures("10.0.0.1"), 2)
+        # Counted like any failure: the right password from here waits the penalty.
+        self.assertEqual(self.client.login(), b"+OK send PASS\r\n")
+        self.server.clock.advance(1.9)
+        self.assertEqual(self.client.take(), b"")
+        self.server.clock.advance(0.1)
+        self.assertIn(b"+OK alice's maildrop", self.client.take())
 
     def test_auth_plain_cancel_and_garbage(self) -> None:
         self.client.send(b"AUTH PLAIN\r\n")

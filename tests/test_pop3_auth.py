@@ -16,12 +16,14 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
+from twisted.logger import capturedLogs
 from twisted.trial import unittest
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import auth, config
 from sockproto.__main__ import set_password
 from sockproto.auth import SaltedFilePasswordDB, hash_password, verify_password
+from sockproto.limits import suite_logins
 from sockproto.pop3 import MAX_AUTH_DELAY, APOPCredentials
 from tests.support import environment, temp_dir
 from tests.test_pop3 import Server, SlowChecker
@@ -247,22 +249,55 @@ class FailedLoginThrottleTests(SynchronousTestCase):
         client.lose()
         self.assertEqual(client.server.clock.getDelayedCalls(), [])
 
+    def test_logins_in_flight_per_host_are_bounded(self) -> None:
+        # Each answer waited only its own penalty: a host held a guess on
+        # every session under the cap (100 per 30 s), retried as each came.
+        guesses = [self.server.connect() for _ in range(9)]
+        with capturedLogs() as events:
+            answers = [guess.login(b"alice", b"wrong") for guess in guesses]
+        busy = b"+OK send PASS\r\n-ERR [AUTH] too many logins in progress from your address\r\n"
+        self.assertEqual(answers, [b"+OK send PASS\r\n"] * 2 + [busy] * 7)  # at once
+        self.assertEqual(self.server.stats.counters["login_failures"], 2)  # the others unchecked
+        self.assertEqual(self.server.stats.limits["logins_in_flight"], 7)
+        refusals = [e for e in events if "too many logins" in e.get("log_format", "")]
+        self.assertEqual((len(refusals), refusals[0]["peer"]), (7, "10.0.0.1:40000"))
+        # The right password is refused the same way, at once: nothing said about it.
+        right = self.server.connect()
+        self.assertEqual(right.login(), busy)
+        self.assertEqual(right.send(b"AUTH PLAIN =\r\n"), busy[len(b"+OK send PASS\r\n") :])
+        self.server.clock.advance(1)
+        self.assertEqual(guesses[0].take(), self.WRONG)  # a slot frees as it is answered
+        self.assertEqual(right.login(), b"+OK send PASS\r\n")  # checked: waits the penalty
+        self.server.clock.advance(2)
+        self.assertIn(b"+OK alice's maildrop", right.take())
+        self.assertEqual(guesses[1].take(), self.WRONG)
+
+    def test_a_hang_up_while_checked_frees_the_slot(self) -> None:
+        checker = SlowChecker()
+        server = Server(self, checkers=[checker])
+        first, second = server.connect(), server.connect()
+        first.login(b"alice", b"wrong")
+        second.login(b"alice", b"wrong")
+        first.lose()  # while its password is checked
+        third = server.connect()
+        self.assertEqual(third.login(b"alice", b"wrong"), b"+OK send PASS\r\n")  # checked, not refused
+        self.assertEqual(server.factory.failed_logins.flying("10.0.0.1"), 2)
+
+    def test_failures_on_chat_count_for_pop3(self) -> None:
+        # One table for the suite (the same --auth users): each service's own base.
+        self.assertIs(self.server.factory.failed_logins, suite_logins(self.server.clock))
+        for _ in range(3):
+            suite_logins(self.server.clock).failed("10.0.0.1", 5.0)  # chat's
+        client = self.server.connect()
+        self.assertEqual(client.login(), b"+OK send PASS\r\n")
+        self.server.clock.advance(3.9)  # POP3's base, 1 s * 2**(3-1)
+        self.assertEqual(client.take(), b"")
+        self.server.clock.advance(0.1)
+        self.assertIn(b"+OK alice's maildrop", client.take())
+
     def test_no_answer_waits_longer_than_the_cap(self) -> None:
-        # Ten tries at once from one host: each waits from its own count, at
-        # most MAX_AUTH_DELAY, not queued behind the others (the last waited 181 s).
-        guesses = [self.server.connect() for _ in range(10)]
-        for guess in guesses:
-            guess.login(b"alice", b"wrong")
-        self.server.clock.advance(MAX_AUTH_DELAY - 0.5)
-        self.assertEqual([guess.take() == self.WRONG for guess in guesses], [True] * 5 + [False] * 5)
-        self.server.clock.advance(0.5)
-        self.assertEqual([guess.take() for guess in guesses[5:]], [self.WRONG] * 5)
-        for guess in guesses:
-            guess.lose()
-        for _ in range(200):  # however many failed before
-            guess = self.server.connect()
-            guess.login(b"alice", b"wrong")
-            guess.lose()
+        # However many failed before (they waited 181 s when queued).
+        self.fail_logins(200)
         last = self.server.connect()
         last.login(b"alice", b"wrong")
         self.server.clock.advance(MAX_AUTH_DELAY - 0.5)
@@ -270,7 +305,7 @@ class FailedLoginThrottleTests(SynchronousTestCase):
         self.server.clock.advance(0.5)
         self.assertEqual(last.take(), self.WRONG)
 
-    def fail(self, times: int, host: str = "10.0.0.1") -> None:
+    def fail_logins(self, times: int, host: str = "10.0.0.1") -> None:
         for _ in range(times):
             guess = self.server.connect(host)
             guess.login(b"alice", b"wrong")
@@ -279,7 +314,7 @@ class FailedLoginThrottleTests(SynchronousTestCase):
     def test_right_password_from_a_penalized_host_waits_its_penalty(self) -> None:
         # Answered at once while a wrong one waits, it told a guesser within
         # milliseconds that its guess was wrong: hang up, try the next.
-        self.fail(3)
+        self.fail_logins(3)
         client = self.server.connect()
         # Pipelined: STAT waits behind the held-back answer.
         self.assertEqual(client.send(b"USER alice\r\nPASS secret\r\nSTAT\r\n"), b"+OK send PASS\r\n")
@@ -294,12 +329,12 @@ class FailedLoginThrottleTests(SynchronousTestCase):
         self.assertIn(b"+OK alice's maildrop", again.login())  # at once, now
 
     def test_right_password_from_a_clean_host_is_answered_at_once(self) -> None:
-        self.fail(3)  # from another host
+        self.fail_logins(3)  # from another host
         client = self.server.connect("10.0.0.2")
         self.assertIn(b"+OK alice's maildrop has 0 messages", client.login())
 
     def test_right_password_waits_at_most_the_cap(self) -> None:
-        self.fail(200)  # however many failed before
+        self.fail_logins(200)  # however many failed before
         client = self.server.connect()
         self.assertEqual(client.login(), b"+OK send PASS\r\n")
         self.server.clock.advance(MAX_AUTH_DELAY - 0.5)
@@ -311,7 +346,7 @@ class FailedLoginThrottleTests(SynchronousTestCase):
         # The right password, refused for the lock: at once, it was an oracle too.
         holder = self.server.connect("10.0.0.2")
         self.assertIn(b"+OK alice's maildrop", holder.login())
-        self.fail(2)
+        self.fail_logins(2)
         client = self.server.connect()
         self.assertEqual(client.login(), b"+OK send PASS\r\n")
         self.server.clock.advance(1.9)
@@ -336,7 +371,7 @@ class FailedLoginThrottleTests(SynchronousTestCase):
         self.assertIn(b"+OK alice's maildrop", answer)  # not -ERR [IN-USE]
 
     def test_hang_up_while_a_right_password_waits_frees_the_slot_and_mailbox(self) -> None:
-        self.fail(2)
+        self.fail_logins(2)
         client = self.server.connect()
         self.assertEqual(client.login(), b"+OK send PASS\r\n")
         locked = self.server.connect("10.0.0.2")
@@ -347,7 +382,7 @@ class FailedLoginThrottleTests(SynchronousTestCase):
         self.assert_released(client)
 
     def test_reset_while_a_right_password_waits_frees_the_mailbox(self) -> None:
-        self.fail(2)
+        self.fail_logins(2)
         client = self.server.connect()
         client.login()
         client.lose()  # a reset: connectionLost without EOF
