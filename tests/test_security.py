@@ -29,6 +29,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import auth
+from sockproto.limits import LOGIN_DELAY_CAP
 from sockproto.pop3 import AnyLogin
 from tests.support import temp_dir
 from tests.test_chat import ChatTestCase
@@ -135,7 +136,7 @@ class Pop3LoginTests(SynchronousTestCase):
         client.guard.dataReceived(plain(b"bob", b"hunter2", authzid=b"alice"))
         server.clock.advance(60)
         self.assertTrue(client.take().endswith(b"-ERR [AUTH] invalid user name or password\r\n"))
-        client = server.connect()
+        client = server.connect("10.0.0.2")  # an address without failures: answered at once
         client.login(b"alice", RIGHT)
         self.assertIn(b"alice's", client.send(b"RETR 1\r\n"))
         self.assertEqual(client.send(b"RETR 2\r\n"), b"-ERR no such message\r\n")
@@ -152,7 +153,11 @@ class Pop3LoginTests(SynchronousTestCase):
             self.assertTrue(
                 client.take().endswith(b"-ERR [AUTH] invalid user name or password\r\n"), password
             )
-        self.assertIn(b"+OK alice's maildrop", server.connect().login(b"alice", RIGHT))
+        # From the address that failed, the right password waits its penalty too.
+        right = server.connect()
+        right.login(b"alice", RIGHT)
+        server.clock.advance(LOGIN_DELAY_CAP)
+        self.assertIn(b"+OK alice's maildrop", right.take())
 
     def test_repeated_failures_are_answered_ever_later(self) -> None:
         server = self.server()
