@@ -29,6 +29,7 @@ from twisted.logger import (
     PredicateResult,
     globalLogPublisher,
 )
+from twisted.python.logfile import BaseLogFile
 from twisted.web.http import Request
 
 from sockproto.limits import LOG_SUMMARY_INTERVAL, LogBudget, rate_limit
@@ -213,24 +214,47 @@ def _label(event: dict[str, Any]) -> str:
     return _FIELD.sub(field, fmt)
 
 
+def log_observers(publisher: Any) -> list[tuple[ILogObserver, BaseLogFile | None]] | None:
+    """The observers ``publisher`` has now, each with the log file it writes
+    to (twistd's ``-l FILE``, or ``twistd.log`` as a daemon), if any.
+
+    twisted.logger has no public way to list the observers twistd (or a .tac,
+    or ``--logger``) gave the global publisher, nor to get the LogFile of a
+    FileLogObserver, which twistd keeps nowhere else: so they are read from
+    the private ``LogPublisher._observers`` and ``FileLogObserver._outFile``,
+    here and nowhere else. Without ``_observers``: None (nothing is filtered,
+    and :func:`install` warns); without ``_outFile``: no file (SIGHUP then
+    reopens none, and says so).
+    """
+    observers = getattr(publisher, "_observers", None)
+    if not isinstance(observers, list):
+        return None
+    found = []
+    for observer in observers:
+        out = getattr(observer, "_outFile", None)
+        found.append((observer, out if isinstance(out, BaseLogFile) else None))
+    return found
+
+
 def install(
     predicate: Callable[[dict[str, Any]], PredicateResult], publisher: Any = None
 ) -> Callable[[], None]:
     """Put ``predicate`` in front of every observer ``publisher`` (the global
-    log publisher) has now; returns the call that takes it out again.
+    log publisher) has now (:func:`log_observers`); returns the call that
+    takes it out again.
 
     twisted.logger can filter what reaches an observer (FilteringLogObserver)
-    but has no public way to list the observers twistd (or a .tac, or
-    ``--logger``) gave the global publisher: their list is read from its
-    private ``_observers`` (the one private Twisted name here). Were it gone,
-    nothing is filtered and a warning says so.
+    once it knows the observers. Were they unknown, nothing is filtered and a
+    warning says so. The observers are out of the publisher's list from now
+    on: what looks for twistd's log file there looks before (see
+    service.Suite).
     """
     publisher = globalLogPublisher if publisher is None else publisher
-    observers: list[ILogObserver] | None = getattr(publisher, "_observers", None)
-    if not isinstance(observers, list):
+    observers = log_observers(publisher)
+    if observers is None:
         log.warn("log: cannot put the --log-rate budget in front of the log on this Twisted")
         return lambda: None
-    behind = list(observers)
+    behind = [observer for observer, _ in observers]
     for observer in behind:
         publisher.removeObserver(observer)
     front = FilteringLogObserver(LogPublisher(*behind), [predicate])
