@@ -204,8 +204,9 @@ def client_service(event: dict[str, Any]) -> str | None:
     field or the text's first word); Twisted's are those of
     :data:`TWISTED_KINDS` (twisted.web's: http), and any other that comes
     from a request (http) or a connection's protocol (``log_source``: its
-    service, or its class) or was logged while the reactor handled a
-    connection (``log_system``: the protocol's name first).
+    factory's service, if known) or was logged while the reactor handled a
+    connection (``log_system``); one budget, ``twisted``, for those of no
+    known service.
     """
     namespace = event.get("log_namespace", "")
     if namespace == "sockproto":
@@ -225,12 +226,13 @@ def client_service(event: dict[str, Any]) -> str | None:
     if isinstance(source, Request):
         return "http"
     if isinstance(source, Protocol):
-        stats = getattr(getattr(source, "factory", None), "stats", None)
-        name = getattr(stats, "name", None)
-        return name if isinstance(name, str) else type(source).__name__
+        # Our factories (limits.GuardedFactory) carry their service's stats.
+        name = getattr(getattr(getattr(source, "factory", None), "stats", None), "name", None)
+        return name if isinstance(name, str) else "twisted"
     system = event.get("log_system")
     if isinstance(system, str) and _CONNECTION_SYSTEM.search(system):
-        return system.split(",", 1)[0] or "twisted"
+        # "Protocol,session,host" names no service: one budget for all.
+        return "twisted"
     return None
 
 
