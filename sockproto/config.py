@@ -73,9 +73,10 @@ class SuiteSettings:
     log_rate: tuple[float, float] = option(
         (50.0, 100.0),
         checks.rate,
-        "Lines a second that clients can cause in the twistd log, ours and Twisted's (refusals, "
-        "timeouts, bad requests, access lines, datagrams), all services together, RATE[/BURST]; "
-        "the rest are counted and summed up every 10 s (0: all).",
+        "Lines a second that clients can cause in the twistd log, ours and Twisted's (timeouts, bad "
+        "requests, failed logins), for each service, RATE[/BURST]; the rest are counted and summed up "
+        "every 10 s (0: all). Access lines, datagrams and refusals have budgets of their own "
+        "(--http-log-rate, --udp-log-rate, --refusal-log-rate) and are not charged here.",
     )
     logins_in_flight: int = option(
         2,

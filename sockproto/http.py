@@ -956,7 +956,8 @@ class TwistdAccessLog:
         return self.budget.admit("requests")
 
     def emit(self, line: str) -> None:
-        log.info("http: {access}", access=line.rstrip("\n"))
+        # Budgeted here (--http-log-rate), not charged to --log-rate as well.
+        log.info("http: {access}", access=line.rstrip("\n"), budget="--http-log-rate")
 
     def _sum_up(self, counts: dict[str, int], seconds: float) -> None:
         log.info(

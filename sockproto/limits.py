@@ -119,6 +119,7 @@ class OverflowProtocol(Protocol):
                 service=factory.stats.name,
                 peer=peer_of(self.transport),
                 limit=factory.policy.max_clients,
+                budget="--refusal-log-rate",  # not charged to --log-rate as well
             )
         self.transport.write(factory.policy.overflow_message)
         close_gently(self.transport, factory.clock, self)
@@ -1116,11 +1117,12 @@ class LogBudget:
         self._call: Any = None
         self._opened = 0.0
 
-    def admit(self, kind: str) -> bool:
-        """Whether this line is logged; if not, it is counted for the summary."""
+    def admit(self, kind: str | Callable[[], str]) -> bool:
+        """Whether this line is logged; if not, it is counted for the summary
+        (under ``kind``, or what ``kind()`` says: worked out only then)."""
         if self.bucket is None or self.bucket.take():
             return True
-        self._count(kind)
+        self._count(kind if isinstance(kind, str) else kind())
         return False
 
     def first_of(self, kind: str) -> bool:

@@ -734,8 +734,13 @@ class Pop3Protocol(BoundedLineReceiver):
             return self._err(b"[SYS/PERM] message is gone")
         except OSError as error:
             # A file name in a Maildir is whatever the deliverer chose: escaped too.
+            # The client can ask again and again: a client's line (peer=), in the budget.
             log.warn(
-                "pop3: cannot read {path}: {error}", path=loggable(message.path), error=loggable(str(error))
+                "pop3: cannot read {path} (for {peer}, mailbox of {user}): {error}",
+                peer=self.peer,
+                path=loggable(message.path),
+                user=loggable(self.maildrop.user),
+                error=loggable(str(error)),
             )
             return self._err(b"[SYS/TEMP] cannot read the message")
         self._ok(first)

@@ -24,7 +24,7 @@ from twisted.python.logfile import BaseLogFile
 from sockproto import __version__, chat, http, pop3, strip, udp, workers
 from sockproto.config import SERVICES, Settings
 from sockproto.listening import Listener, StartupError
-from sockproto.logfilter import ClientLogFilter, install
+from sockproto.logfilter import ClientLogFilter, install, log_observers
 from sockproto.stats import Stats
 
 log = Logger(namespace="sockproto")
@@ -42,6 +42,9 @@ class Suite(MultiService):
         self.pool: workers.WorkerPool | None = None
         self.log_filter: ClientLogFilter | None = None
         self._uninstall_log_filter: Callable[[], None] | None = None
+        # twistd's log files, found before the filter took their observers
+        # out of the global publisher's list (None: not looked for yet).
+        self._twistd_log_files: list[BaseLogFile] | None = None
 
     def privilegedStartService(self) -> None:
         source = self.config_path or "defaults"
@@ -74,6 +77,8 @@ class Suite(MultiService):
         passes one budget (``--log-rate``, see logfilter) from the first
         connection to the end, and the open-file limit fits the caps."""
         if self._uninstall_log_filter is None:
+            # LogFile.reopen() reopens in place: the ones found now stay twistd's.
+            self._twistd_log_files = twistd_log_files()
             self.log_filter = ClientLogFilter(self.settings.suite.log_rate, self.reactor)
             self._uninstall_log_filter = install(self.log_filter)
             check_open_files(self.settings)
@@ -177,7 +182,8 @@ class Suite(MultiService):
     def _log_files(self) -> list[BaseLogFile]:
         """twistd's (``-l FILE``) and the services' access logs
         (``--http-access-log``: a twisted.web Site's ``logFile``)."""
-        files = twistd_log_files()
+        found = self._twistd_log_files
+        files = list(found) if found is not None else twistd_log_files()
         for child in self:
             site = getattr(getattr(child, "factory", None), "wrappedFactory", None)
             access = getattr(site, "logFile", None)
@@ -190,13 +196,11 @@ def twistd_log_files() -> list[BaseLogFile]:
     """The files twistd logs to: ``-l FILE``, or ``twistd.log`` as a daemon.
 
     twistd keeps its LogFile only inside the observer it gives the global log
-    publisher, and twisted.logger has no public way back to it; so look there
-    (a FileLogObserver's output file). None logging to stdout, to syslog or
-    through ``--logger``.
+    publisher (see :func:`~sockproto.logfilter.log_observers`), so this finds
+    them only before the log filter wraps that observer. None logging to
+    stdout, to syslog or through ``--logger``.
     """
-    observers = getattr(globalLogPublisher, "_observers", ())
-    found = (getattr(observer, "_outFile", None) for observer in observers)
-    return [out for out in found if isinstance(out, BaseLogFile)]
+    return [out for _, out in log_observers(globalLogPublisher) or () if out is not None]
 
 
 def reopen_log_file(log_file: BaseLogFile) -> str | None:

@@ -127,6 +127,7 @@ class DatagramLog:
                 service=self.service,
                 peer=format_peer(addr),
                 payload=loggable(datagram),
+                budget=f"--{self.service}-log-rate",  # not charged to --log-rate as well
             )
 
     def unanswered(self, kind: str, addr: tuple[Any, ...], datagram: bytes, why: str) -> None:
@@ -138,6 +139,7 @@ class DatagramLog:
                 payload=loggable(datagram),
                 why=why,
                 kind=kind,
+                budget=f"--{self.service}-log-rate",
             )
 
     def flush(self) -> None:

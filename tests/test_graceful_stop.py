@@ -14,11 +14,14 @@ import socket
 import time
 from pathlib import Path
 
+from twisted.internet.task import Clock
+from twisted.logger import FileLogObserver, Logger, formatEvent, globalLogPublisher
 from twisted.python.logfile import LogFile
 from twisted.trial.unittest import SynchronousTestCase
 
+from sockproto import config
 from sockproto.maildir import Maildir
-from sockproto.service import reopen_log_file
+from sockproto.service import make_service, reopen_log_file
 from tests.support import ALL_OFF, LISTENING, Suite, recv_all, recv_until, temp_dir, wait_for
 
 DOWNLOAD = 10 * 1024 * 1024  # the largest /bytes
@@ -158,6 +161,30 @@ class SighupTests(SynchronousTestCase):
         self.assertEqual(reopen_log_file(log_file), f"{folder / 'access.log'}: cannot write to {folder}")
         log_file.write("three\n")
         self.assertEqual(read(folder.with_name("moved") / "access.log"), "two\nthree\n")
+
+    def test_reopen_the_twistd_log_behind_the_log_filter(self) -> None:
+        """The --log-rate filter takes twistd's file observer out of the global
+        publisher's list to wrap it: the file is found before, and reopened."""
+        folder = Path(temp_dir(self))
+        log_file = LogFile("twistd.log", str(folder))
+        self.addCleanup(log_file.close)
+        observer = FileLogObserver(log_file, lambda event: formatEvent(event) + "\n")  # as twistd's
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        settings = config.build({(name, "port"): ("off", "test") for name in config.SERVICES})
+        suite = make_service(settings, reactor=Clock())
+        suite._before_listening()  # as privilegedStartService does: the filter goes in
+        self.addCleanup(suite._unfilter_the_log)
+        Logger(namespace="sockproto").info("before")
+        os.rename(folder / "twistd.log", folder / "twistd.log.1")
+        suite.reopen_log_files()
+        Logger(namespace="sockproto").info("after")
+        log_file.flush()
+        self.assertEqual(
+            read(folder / "twistd.log").splitlines(),
+            [f"SIGHUP: log files reopened: {folder / 'twistd.log'}", "after"],
+        )
+        self.assertEqual(read(folder / "twistd.log.1").splitlines(), ["before"])
 
     def test_sighup_reopens_the_log_files_and_keeps_serving(self) -> None:
         """What logrotate does: move the files, send SIGHUP; the lines go on in

@@ -14,15 +14,19 @@ import socket
 import threading
 from typing import Any
 
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogPublisher, capturedLogs, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.test.requesthelper import DummyRequest
+from twisted.web.http import HTTPChannel
 
-from sockproto.http_files import SafeFile
-from sockproto.limits import LOG_SUMMARY_INTERVAL
+from sockproto.limits import LOG_SUMMARY_INTERVAL, LogBudget, rate_limit
 from sockproto.logfilter import ClientLogFilter, install
 from tests.support import ALL_OFF, Suite, recv_until, temp_dir
+from tests.test_pop3 import Server
+from tests.test_pop3_e2e import Box, start
 
 ours = Logger(namespace="sockproto")
 
@@ -52,28 +56,31 @@ class ClientLogFilterTests(SynchronousTestCase):
                 problem="is bad",
             )
         harness.log.info(
-            "{service}: closing {peer}: idle for {seconds:g} s", service="strip", peer="p", seconds=1
+            "{service}: closing {peer}: idle for {seconds:g} s", service="http", peer="p", seconds=1
         )
         self.assertEqual(len(harness.lines), 3)  # the burst
         harness.clock.advance(LOG_SUMMARY_INTERVAL)
         self.assertEqual(len(harness.lines), 4)
         summary = harness.lines[-1]
-        self.assertIn("3 more lines caused by clients in the last 10 s", summary)
+        self.assertIn("log: http: 3 more lines caused by clients in the last 10 s", summary)
         self.assertIn("2 x http: 400 to <peer>: request target <target> <problem>", summary)
-        self.assertIn("1 x strip: closing <peer>: idle for <seconds> s", summary)
-        self.assertIn("--log-rate 1/3", summary)
+        self.assertIn("1 x http: closing <peer>: idle for <seconds> s", summary)
+        self.assertIn("--log-rate 1/3, each service", summary)
 
     def test_lines_naming_a_nick_or_user_are_a_clients_too(self) -> None:
         harness = Harness(self)
         for _ in range(5):
             harness.log.info("chat: {old} is now {nick}", old="a", nick="b")
+            harness.log.info("chat: {nick} left", nick="b")
             harness.log.info("pop3: removed {count} file(s) from {user}/tmp", count=1, user="u")
-        self.assertEqual(len(harness.lines), 3)
+        self.assertEqual(len(harness.lines), 6)  # each service's burst
         harness.clock.advance(LOG_SUMMARY_INTERVAL)
-        summary = harness.lines[-1]  # the most frequent first
-        self.assertIn(
-            "4 x pop3: removed <count> file(s) from <user>/tmp, 3 x chat: <old> is now <nick>", summary
-        )
+        summaries = sorted(harness.lines[6:])
+        self.assertEqual(len(summaries), 2)
+        # The most frequent first.
+        self.assertIn("log: chat: 7 more lines", summaries[0])
+        self.assertIn("4 x chat: <nick> left, 3 x chat: <old> is now <nick>", summaries[0])
+        self.assertIn("2 x pop3: removed <count> file(s) from <user>/tmp", summaries[1])
 
     def test_the_servers_own_lines_are_never_held_back(self) -> None:
         harness = Harness(self)
@@ -103,28 +110,107 @@ class ClientLogFilterTests(SynchronousTestCase):
             harness.log.info("chat: {peer} joined as {nick}", peer="p", nick="n")
         self.assertEqual((len(harness.lines), harness.clock.getDelayedCalls()), (100, []))
 
-    def test_twisteds_malformed_range_lines_pass_the_budget(self) -> None:
-        """twisted.web logs one line per request with a bad Range header,
-        through the legacy log (to the global publisher)."""
-        root = temp_dir(self)
-        path = os.path.join(root, "a.txt")
-        with open(path, "wb") as file:
-            file.write(b"hello\n")
+    def test_twisteds_client_lines_pass_the_budget(self) -> None:
+        """twisted.web logs a line per client it times out (its own
+        HTTPChannel's, to the global publisher): http's budget."""
         clock = Clock()
         budget = ClientLogFilter((1.0, 2.0), clock)
         with capturedLogs() as events:
             uninstall = install(budget)
             try:
                 for _ in range(50):
-                    request = DummyRequest([b""])
-                    request.requestHeaders.addRawHeader(b"range", b"bytes=zz")
-                    SafeFile(path, root).render(request)
+                    channel = HTTPChannel()
+                    channel.makeConnection(StringTransport())
+                    channel.timeoutConnection()
+                    channel.connectionLost(Failure(ConnectionDone()))
                 clock.advance(LOG_SUMMARY_INTERVAL)
             finally:
                 uninstall()
         texts = [formatEvent(event) for event in events]
-        self.assertEqual(sum(text.startswith("Ignoring malformed Range header") for text in texts), 2, texts)
-        self.assertIn("48 x Ignoring malformed Range header", texts[-1])
+        self.assertEqual(sum(text.startswith("Timing out client") for text in texts), 2, texts)
+        self.assertIn("log: http: 48 more lines caused by clients", texts[-1])
+        self.assertIn("48 x Timing out client", texts[-1])
+
+    def test_each_service_has_a_budget_of_its_own(self) -> None:
+        """An HTTP client's bad requests use up http's budget, not pop3's: the
+        password guesser's address is still logged."""
+        harness = Harness(self)
+        for _ in range(100):
+            harness.log.info("http: 400 to {peer}: request target {target}", peer="h", target="x")
+        harness.log.info("pop3: {peer}: login failed for {user}", peer="guesser", user="root")
+        harness.log.info(
+            "{service}: closing {peer}: idle for {seconds:g} s", service="strip", peer="s", seconds=1
+        )
+        self.assertEqual(
+            harness.lines[3:], ["pop3: guesser: login failed for root", "strip: closing s: idle for 1 s"]
+        )
+        harness.clock.advance(LOG_SUMMARY_INTERVAL)
+        self.assertEqual(
+            harness.lines[5:],
+            [
+                "log: http: 97 more lines caused by clients in the last 10 s, not logged one by one"
+                " (--log-rate 1/3, each service): 97 x http: 400 to <peer>: request target <target>"
+            ],
+        )
+
+    def test_lines_budgeted_already_are_not_charged_again(self) -> None:
+        """Access lines (--http-log-rate), datagrams (--udp-log-rate) and
+        refusals (--refusal-log-rate) passed a budget of their own: a flood of
+        them neither loses lines to --log-rate nor uses up another's."""
+        harness = Harness(self)
+        for _ in range(100):
+            harness.log.info("http: {access}", access="GET /", budget="--http-log-rate")
+            harness.log.info(
+                "{service}: {peer},{payload}", service="udp", peer="p", payload="x", budget="--udp-log-rate"
+            )
+            harness.log.info(
+                "{service}: refused {peer}", service="pop3", peer="p", budget="--refusal-log-rate"
+            )
+        harness.log.info("pop3: {peer}: login failed for {user}", peer="guesser", user="root")
+        self.assertEqual(len(harness.lines), 301)
+        harness.clock.advance(LOG_SUMMARY_INTERVAL)
+        self.assertEqual(len(harness.lines), 301)
+
+    def test_the_label_only_for_a_line_held_back(self) -> None:
+        """Working out a line's label costs a substitution: not for a line the
+        budget lets through."""
+        clock = Clock()
+        budget = LogBudget(rate_limit((1.0, 2.0), clock.seconds), clock, lambda counts, seconds: None)
+        labelled: list[int] = []
+
+        def label() -> str:
+            labelled.append(1)
+            return "kind"
+
+        self.assertEqual([budget.admit(label) for _ in range(5)], [True, True, False, False, False])
+        self.assertEqual((len(labelled), budget.unlogged), (3, {"kind": 3}))
+
+    def test_pop3s_unreadable_message_lines_pass_the_budget(self) -> None:
+        """RETR of a message that cannot be read, pipelined: one line each,
+        with the client's address, within pop3's budget."""
+        server = Server(self)
+        message = server.deliver(b"Subject: x\n\nmail\n")
+        client = server.connect()
+        client.login()
+        message.unlink()
+        message.symlink_to(message.with_name("elsewhere"))
+        budget = ClientLogFilter((1.0, 2.0), server.clock)
+        with capturedLogs() as events:
+            uninstall = install(budget)
+            try:
+                answer = client.send(b"RETR 1\r\n" * 50)
+                server.clock.advance(LOG_SUMMARY_INTERVAL)
+            finally:
+                uninstall()
+        self.assertEqual(answer.count(b"-ERR [SYS/TEMP] cannot read the message"), 50)
+        texts = [formatEvent(event) for event in events]
+        told = [text for text in texts if text.startswith("pop3: cannot read")]
+        self.assertEqual(len(told), 2, texts)
+        self.assertIn("(for 10.0.0.1:", told[0])
+        self.assertIn("mailbox of alice", told[0])
+        summary = next(text for text in texts if "more lines caused by clients" in text)
+        self.assertIn("log: pop3: 48 more lines", summary)
+        self.assertIn("48 x pop3: cannot read <path> (for <peer>, mailbox of <user>): <error>", summary)
 
     def test_accept_errors_once_an_interval_with_a_count(self) -> None:
         """Twisted's accept loop logs three lines per connection it cannot
@@ -170,35 +256,67 @@ class ClientLogFilterTests(SynchronousTestCase):
 
 class LogFloodEndToEndTests(SynchronousTestCase):
     def test_one_connection_cannot_flood_the_twistd_log(self) -> None:
-        """Thousands of requests with a malformed Range header and bad targets
-        on one kept-alive connection: the log stays within the budget and the
-        summary says what was held back."""
+        """Thousands of requests with bad targets, and as many good ones, on
+        one kept-alive connection: the bad ones' lines stay within http's
+        --log-rate, the access lines within --http-log-rate (once each), and
+        the summaries say what was held back."""
         root = temp_dir(self)
         with open(os.path.join(root, "a.txt"), "wb") as file:
             file.write(b"hello\n")
-        suite = Suite([*ALL_OFF, "--http-port", "0", "--http-root", root, "--log-rate", "10/20"]).start()
+        suite = Suite(
+            [
+                *ALL_OFF,
+                "--http-port",
+                "0",
+                "--http-root",
+                root,
+                "--log-rate",
+                "10/20",
+                "--http-log-rate",
+                "10/20",
+            ]
+        ).start()
         self.addCleanup(suite.stop)
         requests = 2000
         started = len(suite.lines)
         with suite.connect("http") as sock:
-            batch = (
-                b"GET /files/a.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=zz\r\n\r\n"
-                b"GET x HTTP/1.1\r\nHost: x\r\n\r\n"
-            ) * 100
+            batch = (b"GET /files/a.txt HTTP/1.1\r\nHost: x\r\n\r\nGET x HTTP/1.1\r\nHost: x\r\n\r\n") * 100
             answered = bytearray()
             for _ in range(requests // 200):
                 sock.sendall(batch)
                 answered += recv_until(sock, lambda d: d.count(b"HTTP/1.1 ") >= 200)
         self.assertEqual(answered.count(b"HTTP/1.1 400 "), requests // 2)
         suite.wait_log("more lines caused by clients", timeout=LOG_SUMMARY_INTERVAL + 10)
+        suite.wait_log("more requests in the last", timeout=LOG_SUMMARY_INTERVAL + 10)
         lines = suite.lines[started:]
         summary = next(line for line in lines if "more lines caused by clients" in line)
-        self.assertIn("x Ignoring malformed Range header", summary)
+        self.assertIn("log: http: ", summary)
         self.assertIn("x http: 400 to <peer>: request target <target> <problem>", summary)
-        # A burst of 20 and 10 a second, plus the summaries (http's and ours).
-        flood = [line for line in lines if "Range header" in line or "http: " in line]
-        self.assertLess(len(flood), 20 + 10 * 30 + 10, flood[-5:])
-        self.assertLess(len(flood), requests // 4)
+        self.assertNotIn("<access>", summary)  # the access lines are not charged twice
+        # A burst of 20 and 10 a second each, plus the summaries.
+        bad = [line for line in lines if "http: 400 to" in line]
+        self.assertGreaterEqual(len(bad), 20)  # the burst, not cut by the access lines
+        access = [line for line in lines if ' HTTP/1.1" ' in line]
+        for flood in (bad, access):
+            self.assertLess(len(flood), 20 + 10 * 30, flood[-5:])
+
+    def test_a_flood_of_one_service_hides_nothing_of_another(self) -> None:
+        """HTTP clients use up http's budget; a POP3 password guesser's
+        address is logged all the same (what an operator and fail2ban read)."""
+        box = Box(self)
+        suite = start(self, box, "--http-port", "0", "--log-rate", "10/20")
+        requests = 1000
+        with suite.connect("http") as sock:
+            sock.sendall(b"GET x HTTP/1.1\r\nHost: x\r\n\r\n" * requests)
+            recv_until(sock, lambda d: d.count(b"HTTP/1.1 400 ") >= requests)
+        self.assertLess(len([line for line in suite.lines if "http: 400 to" in line]), requests // 2)
+        with socket.create_connection(suite.address("pop3"), timeout=20) as sock:
+            recv_until(sock, lambda d: d.endswith(b"\r\n"))
+            sock.sendall(b"USER alice\r\nPASS wrong\r\n")
+            recv_until(sock, lambda d: d.count(b"\r\n") >= 2)
+        suite.wait_log("login failed for alice")
+        line = next(line for line in suite.lines if "login failed for alice" in line)
+        self.assertIn("pop3: 127.0.0.1:", line)
 
     def test_a_workers_lines_pass_the_budget_too(self) -> None:
         """With --workers, whichever process serves the connection: a worker
