@@ -259,7 +259,8 @@ def open_files_needed(settings: Settings) -> tuple[int, int, list[str], list[str
 
     The limit is per process, and the main one serves every service (a worker
     only strip and HTTP, each under its own copy of their caps), so this is
-    the most any one process needs. An HTTP download holds the file open too.
+    the most any one process needs. An HTTP download holds the file open too,
+    and so does a POP3 RETR or TOP for the whole transfer.
     """
     reserve = OPEN_FILE_RESERVE + OPEN_FILES_PER_WORKER * (settings.suite.workers - 1)
     total = reserve
@@ -272,7 +273,7 @@ def open_files_needed(settings: Settings) -> tuple[int, int, list[str], list[str
         if not section.max_clients:
             unbounded.append(name)
             continue
-        each = 2 if name == "http" and settings.http.root else 1
+        each = 2 if name == "pop3" or (name == "http" and settings.http.root) else 1
         total += section.max_clients * each
         parts.append(f"{name} {section.max_clients}" + (" x 2 (files)" if each == 2 else ""))
     return total, reserve, parts, unbounded

@@ -53,8 +53,9 @@ def check(limits: Limits, **given: Any) -> list[str]:
     return [formatEvent(event) for event in events]
 
 
-# The defaults: strip 10 + chat 1000 + http 1000 + pop3 100, and the reserve.
-DEFAULT_NEED = 2110 + OPEN_FILE_RESERVE
+# The defaults: strip 10 + chat 1000 + http 1000 + pop3 100 x 2 (a RETR holds
+# the message file open), and the reserve.
+DEFAULT_NEED = 2210 + OPEN_FILE_RESERVE
 
 
 class OpenFileLimitTests(SynchronousTestCase):
@@ -71,7 +72,9 @@ class OpenFileLimitTests(SynchronousTestCase):
         self.assertEqual(len(lines), 2, lines)
         warning = lines[1]
         self.assertIn(f"open-file limit 1500 is below the {DEFAULT_NEED} descriptors", warning)
-        self.assertIn(f"strip 10 + chat 1000 + http 1000 + pop3 100 + {OPEN_FILE_RESERVE} reserved", warning)
+        self.assertIn(
+            f"strip 10 + chat 1000 + http 1000 + pop3 100 x 2 (files) + {OPEN_FILE_RESERVE} reserved", warning
+        )
         self.assertIn(
             "lower --max-clients, --chat-max-clients, --http-max-clients, --pop3-max-clients", warning
         )
@@ -91,6 +94,11 @@ class OpenFileLimitTests(SynchronousTestCase):
         limits = Limits(64, 4096)
         check(limits, strip__port="off", chat__port="off", pop3__port="off", udp__port="off", http__root=".")
         self.assertEqual(limits.soft, 2 * 1000 + OPEN_FILE_RESERVE)
+
+    def test_a_pop3_session_holds_a_message_file(self) -> None:
+        limits = Limits(64, 4096)
+        check(limits, strip__port="off", chat__port="off", http__port="off", udp__port="off")
+        self.assertEqual(limits.soft, 2 * 100 + OPEN_FILE_RESERVE)
 
     def test_a_service_without_a_cap_gets_the_hard_limit_and_a_warning(self) -> None:
         limits = Limits(1024, 65536)
