@@ -83,6 +83,21 @@ class Tree:
         os.close(opened.fd)
         return opened.stat
 
+    def open_folder(self, path: str) -> int:
+        """A readable descriptor of the folder at ``path`` (relative to the root;
+        ``""`` is the root), found as :meth:`open` finds a file: for listing it
+        with ``os.scandir(fd)`` and changing it with ``dir_fd=``, so a folder
+        swapped for a link after this call is not followed either. The caller
+        closes it."""
+        opened = self._resolve(path, folder_ok=True, read=False)
+        try:
+            if not stat.S_ISDIR(opened.stat.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", path)
+            # "." of the descriptor found: readable (an O_PATH one is not), the same folder.
+            return os.open(".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _CLOEXEC, dir_fd=opened.fd)
+        finally:
+            os.close(opened.fd)
+
     def relative(self, path: str | os.PathLike[str]) -> str:
         """``path`` (under the folder as given, as twisted.web or a listing makes
         it) relative to the folder, for :meth:`open`."""

@@ -1,6 +1,12 @@
 """Maildir mailboxes as a POP3 session sees them.
 
-One Maildir per user at ``ROOT/USER/{cur,new,tmp}``. A session takes the
+One Maildir per user at ``ROOT/USER/{cur,new,tmp}``. The root is the
+operator's (a link to it is followed); beneath it nothing is: the user's
+folder, its subfolders, the lock file and every message are reached by
+:class:`sockproto.files.Tree` without following any symbolic link, and listed,
+unlinked and renamed through descriptors of the folders found, so a user who
+can write their own Maildir cannot point a listing, a DELE or the tmp/ sweep
+at someone else's mail. A session takes the
 mailbox lock, lists ``new/`` and ``cur/`` once (the POP3 maildrop is fixed for
 the session), marks deletions in memory and removes files only on
 :meth:`Maildrop.commit` (QUIT). Messages go on the wire as CRLF lines with
@@ -15,6 +21,7 @@ form.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -22,6 +29,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -70,12 +78,12 @@ def uidl(unique: str) -> str:
     return hashlib.sha256(unique.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
-def stale_delivery(stat: os.stat_result, now: float) -> bool:
+def stale_delivery(info: os.stat_result, now: float) -> bool:
     """Whether a file in tmp/ is a delivery that died: its inode unchanged for
     TMP_MAX_AGE. By ctime, not mtime: a copy that keeps its times (``cp -p``,
     ``rsync -t``) has an old mtime while it is being written, but every write
     and the utime call itself set the ctime to now, and no program can set it back."""
-    return stat.st_ctime < now - TMP_MAX_AGE
+    return info.st_ctime < now - TMP_MAX_AGE
 
 
 class CrlfNormalizer:
@@ -207,18 +215,18 @@ class _SizeCache:
         self._limit = limit
         self._lock = threading.Lock()
 
-    def size(self, tree: Tree, path: str, stat: os.stat_result) -> int:
-        """The CRLF size of ``path`` in ``tree``, which was ``stat`` when listed.
+    def size(self, tree: Tree, path: str, info: os.stat_result) -> int:
+        """The CRLF size of ``path`` in ``tree``, which was ``info`` when listed.
         Read through the safe opener: a message swapped for a symlink or a FIFO
         since it was listed is refused (RefusedPathError), not followed or
         waited on; the size is kept under what was read, by its ``fstat``."""
         with self._lock:
-            known = self._sizes.get(_identity(stat))
+            known = self._sizes.get(_identity(info))
             if known is not None:
-                self._sizes.move_to_end(_identity(stat))
+                self._sizes.move_to_end(_identity(info))
                 return known
-        file, stat = tree.open_file(path)
-        key = _identity(stat)
+        file, opened = tree.open_file(path)
+        key = _identity(opened)
         with file:
             size = wire_size(file)
         with self._lock:
@@ -238,11 +246,12 @@ _sizes = _SizeCache()
 
 @dataclass
 class Message:
-    path: str
+    path: str  # where it was listed, as a path (for the log)
     unique: str
     uid: str
     size: int  # CRLF octets
     deleted: bool = False
+    location: str = ""  # where it is: "new/NAME" or "cur/NAME" in its Maildir
 
 
 class IMaildrop(Interface):
@@ -254,88 +263,161 @@ class Maildir:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        # Messages are opened beneath it only, following no symlink at all.
-        self.tree = Tree(self.path, follow_symlinks=False)
+        # Beneath the root, no symlink is followed at all: not the user's
+        # folder, a subfolder or a message. The root itself is the operator's.
+        self.tree = Tree(self.path.parent, follow_symlinks=False, hide_dotfiles=False)
+
+    def beneath(self, location: str = "") -> str:
+        """``location`` in this Maildir ("" for the folder) as a path in :attr:`tree`."""
+        return f"{self.path.name}/{location}" if location else self.path.name
+
+    @contextlib.contextmanager
+    def folder(self, sub: str = "") -> Iterator[int]:
+        """A descriptor of the folder or its subfolder ``sub``, symlinks refused
+        (RefusedPathError)."""
+        fd = self.tree.open_folder(self.beneath(sub))
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def create(self) -> Maildir:
-        """Make ``cur``, ``new`` and ``tmp`` (and the folder) if missing."""
-        for sub in SUBFOLDERS:
-            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Make ``cur``, ``new`` and ``tmp`` (and the folder) if missing: made
+        beneath descriptors, so an existing link is refused, never made through."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        root = self.tree.open_folder("")
+        try:
+            _make_folder(self.path.name, root)
+        finally:
+            os.close(root)
+        with self.folder() as folder:
+            for sub in SUBFOLDERS:
+                _make_folder(sub, folder)
         return self
 
     def messages(self) -> list[Message]:
         """new/ and cur/, oldest first (by arrival time, then name)."""
         found: dict[str, tuple[int, Message]] = {}
         for sub in ("new", "cur"):  # cur wins if a move shows a message twice
-            for entry in _files(self.path / sub):
-                unique = unique_name(entry.name)
+            for name, info in self._files(sub):
+                unique = unique_name(name)
+                location = f"{sub}/{name}"
                 try:
-                    stat = entry.stat()
-                    size = _tagged_size(unique, stat.st_size)
+                    size = _tagged_size(unique, info.st_size)
                     if size is None:
-                        size = _sizes.size(self.tree, f"{sub}/{entry.name}", stat)
+                        size = _sizes.size(self.tree, self.beneath(location), info)
                 except FileNotFoundError:  # removed by another reader meanwhile
                     continue
                 except RefusedPathError:  # swapped for a link or a FIFO since listed: not a message
                     continue
-                found[unique] = (stat.st_mtime_ns, Message(entry.path, unique, uidl(unique), size))
+                message = Message(str(self.path / location), unique, uidl(unique), size, location=location)
+                found[unique] = (info.st_mtime_ns, message)
         return [message for _, message in sorted(found.values(), key=lambda item: (item[0], item[1].unique))]
 
     def sweep_tmp(self, now: float | None = None) -> int:
         """Delete files in tmp/ untouched for TMP_MAX_AGE; how many went."""
         now = time.time() if now is None else now
         removed = 0
-        for entry in _files(self.path / "tmp"):
-            try:
-                if stale_delivery(entry.stat(), now):
-                    os.unlink(entry.path)
-                    removed += 1
-            except FileNotFoundError:  # finished or swept by someone else meanwhile
-                continue
+        try:
+            with self.folder("tmp") as tmp:
+                for name, info in _listing(tmp):
+                    if stale_delivery(info, now):
+                        try:
+                            os.unlink(name, dir_fd=tmp)
+                        except FileNotFoundError:  # finished or swept by someone else meanwhile
+                            continue
+                        removed += 1
+        except FileNotFoundError:
+            return removed
         return removed
 
     def locate(self, unique: str) -> str | None:
-        """Where a message is now (another program may have moved or flagged it)."""
+        """Where a message is now ("cur/NAME" or "new/NAME"): another program
+        may have moved or flagged it."""
         for sub in ("cur", "new"):
-            for entry in _files(self.path / sub):
-                if unique_name(entry.name) == unique:
-                    return entry.path
+            for name, _ in self._files(sub):
+                if unique_name(name) == unique:
+                    return f"{sub}/{name}"
         return None
+
+    def open_message(self, location: str) -> BinaryIO:
+        """The message at ``location``, by the one safe opener: a symlink is
+        refused, not followed; a FIFO is refused, not waited on."""
+        return self.tree.open_file(self.beneath(location))[0]
+
+    def remove(self, location: str) -> None:
+        """Unlink the message at ``location`` in the subfolder found beneath the root."""
+        sub, name = location.split("/", 1)
+        with self.folder(sub) as folder:
+            os.unlink(name, dir_fd=folder)
+
+    def lock(self) -> MailboxLock:
+        """The mailbox lock, taken on the lock file in the folder found beneath the root."""
+        with self.folder() as folder:
+            return MailboxLock(self.path / LOCK_NAME).acquire(folder)
 
     def deliver(self, source: BinaryIO) -> Path:
         """Write a message into tmp/, then rename it into new/: readers never
-        see a partial message. The name carries its sizes (Maildir++ S= and W=)."""
+        see a partial message. The name carries its sizes (Maildir++ S= and W=).
+        Both folders are found beneath the root as a login finds them."""
         self.create()
         name = new_unique_name()
-        temporary = self.path / "tmp" / name
         normalizer = CrlfNormalizer()
         size = wire = 0
+        with self.folder("tmp") as tmp, self.folder("new") as new:
+            try:
+                descriptor = os.open(name, _CREATE, 0o666, dir_fd=tmp)
+                with open(descriptor, "wb") as out:
+                    while block := source.read(CHUNK):
+                        out.write(block)
+                        size += len(block)
+                        wire += len(normalizer.feed(block))
+                    out.flush()
+                    os.fsync(out.fileno())
+                wire += len(normalizer.end()) + (0 if normalizer.at_line_start else 2)
+                final = f"{name},S={size},W={wire}"
+                os.rename(name, final, src_dir_fd=tmp, dst_dir_fd=new)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=tmp)
+                raise
+            with contextlib.suppress(OSError):
+                os.fsync(new)
+        return self.path / "new" / final
+
+    def _files(self, sub: str) -> list[tuple[str, os.stat_result]]:
+        """The listing of a subfolder (none if it is missing)."""
         try:
-            with open(temporary, "xb") as out:
-                while block := source.read(CHUNK):
-                    out.write(block)
-                    size += len(block)
-                    wire += len(normalizer.feed(block))
-                out.flush()
-                os.fsync(out.fileno())
-            wire += len(normalizer.end()) + (0 if normalizer.at_line_start else 2)
-            final = self.path / "new" / f"{name},S={size},W={wire}"
-            os.rename(temporary, final)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        _fsync_folder(final.parent)
-        return final
+            with self.folder(sub) as folder:
+                return _listing(folder)
+        except FileNotFoundError:
+            return []
 
 
-def _files(folder: Path) -> Iterator[os.DirEntry[str]]:
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if not entry.name.startswith(".") and entry.is_file(follow_symlinks=False):
-                    yield entry
-    except FileNotFoundError:
-        return
+# A new file in tmp/: never an existing one, never through a link.
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _listing(folder: int) -> list[tuple[str, os.stat_result]]:
+    """The regular files (not dotfiles) in the folder of a descriptor, with
+    their ``lstat``: a link or a FIFO in it is not a message."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found.append((entry.name, info))
+    return found
+
+
+def _make_folder(name: str, parent: int) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(name, 0o700, dir_fd=parent)
 
 
 def _tagged_size(unique: str, file_size: int) -> int | None:
@@ -344,19 +426,6 @@ def _tagged_size(unique: str, file_size: int) -> int | None:
     if match and match.group(2) and int(match.group(1)) == file_size:
         return int(match.group(2))
     return None
-
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 _deliveries = 0
@@ -373,24 +442,42 @@ def new_unique_name() -> str:
     return f"{int(now)}.M{int(now % 1 * 1e6):06d}P{os.getpid()}Q{_deliveries}R{secrets.token_hex(4)}.{host}"
 
 
+# The lock file: created if missing, never through a link, never waited on (a FIFO).
+_LOCK = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
 class MailboxLock:
     """An exclusive ``flock`` on a file in the Maildir.
 
     Works across server processes; the kernel drops it when its holder dies,
-    so a killed server never locks a user out.
+    so a killed server never locks a user out. The file is opened without
+    following a link (a dangling one would have its target created) and must
+    be a regular file.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
 
-    def acquire(self) -> MailboxLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def acquire(self, folder: int | None = None) -> MailboxLock:
+        """Take the lock; ``folder``: a descriptor of the folder it is in (its
+        path is then not walked again)."""
+        where = self.path if folder is None else self.path.name
         try:
+            fd = os.open(where, _LOCK, 0o600, dir_fd=folder)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise RefusedPathError(errno.ELOOP, "a symbolic link", str(self.path)) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RefusedPathError(errno.EACCES, "not a regular file", str(self.path))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             os.close(fd)
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) or (
+                error.errno == errno.EACCES and not isinstance(error, RefusedPathError)
+            ):
                 raise MailboxInUseError(str(self.path.parent)) from None
             raise
         self._fd = fd
@@ -425,7 +512,7 @@ class Maildrop:
         if not valid_user(user):
             raise ValueError(f"not a valid mailbox name: {user!r}")
         maildir = Maildir(Path(root) / user).create()
-        lock = MailboxLock(maildir.path / LOCK_NAME).acquire()
+        lock = maildir.lock()
         try:
             swept = maildir.sweep_tmp()
             drop = cls(maildir, lock, maildir.messages())
@@ -462,15 +549,14 @@ class Maildrop:
         (:class:`sockproto.files.Tree`): a symlink swapped in after login is
         refused, not followed; a FIFO is refused, not waited on (the reactor
         would be)."""
-        tree = self.maildir.tree
         try:
-            return tree.open_file(tree.relative(message.path))[0]
+            return self.maildir.open_message(message.location)
         except FileNotFoundError:
             moved = self.maildir.locate(message.unique)
             if moved is None:
                 raise
-            message.path = moved
-            return tree.open_file(tree.relative(moved))[0]
+            message.location, message.path = moved, str(self.maildir.path / moved)
+            return self.maildir.open_message(moved)
 
     def commit(self) -> tuple[int, int]:
         """Remove the messages marked deleted: (removed, failed). A message
@@ -485,18 +571,19 @@ class Maildrop:
         return removed, failed
 
     def _remove(self, message: Message) -> bool:
-        path: str | None = message.path
-        for _ in range(2):  # where it was listed, then where it is now
-            if path is None:
-                return True
-            try:
-                os.unlink(path)
-                return True
-            except FileNotFoundError:
-                path = self.maildir.locate(message.unique)
-            except OSError:
-                return False
-        return path is None
+        location: str | None = message.location
+        try:
+            for _ in range(2):  # where it was listed, then where it is now
+                if location is None:
+                    return True
+                try:
+                    self.maildir.remove(location)
+                    return True
+                except FileNotFoundError:
+                    location = self.maildir.locate(message.unique)
+        except OSError:  # a folder swapped for a link, no permission, ...
+            return False
+        return location is None
 
     def close(self) -> None:
         """End the session without touching any message; releases the lock."""

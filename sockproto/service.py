@@ -263,7 +263,9 @@ def open_files_needed(settings: Settings) -> tuple[int, int, list[str], list[str
 
     The limit is per process, and the main one serves every service (a worker
     only strip and HTTP, each under its own copy of their caps), so this is
-    the most any one process needs. An HTTP download holds the file open too.
+    the most any one process needs. An HTTP download holds the file open too;
+    a POP3 session holds its mailbox lock while logged in, and a RETR or TOP
+    the message file for the whole transfer.
     """
     reserve = OPEN_FILE_RESERVE + OPEN_FILES_PER_WORKER * (settings.suite.workers - 1)
     total = reserve
@@ -276,10 +278,20 @@ def open_files_needed(settings: Settings) -> tuple[int, int, list[str], list[str
         if not section.max_clients:
             unbounded.append(name)
             continue
-        each = 2 if name == "http" and settings.http.root else 1
+        each, held = _per_client(name, settings)
         total += section.max_clients * each
-        parts.append(f"{name} {section.max_clients}" + (" x 2 (files)" if each == 2 else ""))
+        parts.append(f"{name} {section.max_clients}{held}")
     return total, reserve, parts, unbounded
+
+
+def _per_client(name: str, settings: Settings) -> tuple[int, str]:
+    """Descriptors one client of ``name`` may hold (its connection and what
+    else), and how the warning says so."""
+    if name == "pop3":
+        return 3, " x 3 (lock, message)"
+    if name == "http" and settings.http.root:
+        return 2, " x 2 (files)"
+    return 1, ""
 
 
 def _cap_option(name: str) -> str:

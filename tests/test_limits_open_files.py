@@ -9,17 +9,19 @@ RLIMIT_NOFILE that it cannot raise, set before twistd starts.
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import sys
 from typing import Any
 
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from sockproto.config import build
 from sockproto.service import OPEN_FILE_RESERVE, check_open_files
 from tests.support import ALL_OFF, Suite, recv_all, wait_for
+from tests.test_pop3 import Server
 
 
 class Limits:
@@ -53,8 +55,9 @@ def check(limits: Limits, **given: Any) -> list[str]:
     return [formatEvent(event) for event in events]
 
 
-# The defaults: strip 10 + chat 1000 + http 1000 + pop3 100, and the reserve.
-DEFAULT_NEED = 2110 + OPEN_FILE_RESERVE
+# The defaults: strip 10 + chat 1000 + http 1000 + pop3 100 x 3 (a session
+# holds its mailbox lock, and a RETR the message file), and the reserve.
+DEFAULT_NEED = 2310 + OPEN_FILE_RESERVE
 
 
 class OpenFileLimitTests(SynchronousTestCase):
@@ -71,7 +74,10 @@ class OpenFileLimitTests(SynchronousTestCase):
         self.assertEqual(len(lines), 2, lines)
         warning = lines[1]
         self.assertIn(f"open-file limit 1500 is below the {DEFAULT_NEED} descriptors", warning)
-        self.assertIn(f"strip 10 + chat 1000 + http 1000 + pop3 100 + {OPEN_FILE_RESERVE} reserved", warning)
+        self.assertIn(
+            f"strip 10 + chat 1000 + http 1000 + pop3 100 x 3 (lock, message) + {OPEN_FILE_RESERVE} reserved",
+            warning,
+        )
         self.assertIn(
             "lower --max-clients, --chat-max-clients, --http-max-clients, --pop3-max-clients", warning
         )
@@ -91,6 +97,35 @@ class OpenFileLimitTests(SynchronousTestCase):
         limits = Limits(64, 4096)
         check(limits, strip__port="off", chat__port="off", pop3__port="off", udp__port="off", http__root=".")
         self.assertEqual(limits.soft, 2 * 1000 + OPEN_FILE_RESERVE)
+
+    def test_a_pop3_session_holds_its_lock_and_a_message_file(self) -> None:
+        limits = Limits(64, 4096)
+        check(limits, strip__port="off", chat__port="off", http__port="off", udp__port="off")
+        self.assertEqual(limits.soft, 3 * 100 + OPEN_FILE_RESERVE)
+
+
+class Pop3DescriptorsTests(SynchronousTestCase):
+    """What the check counts for a POP3 session, measured: besides its
+    connection, the mailbox lock while logged in, and the message during RETR."""
+
+    def test_a_session_holds_its_lock_and_the_message_being_sent(self) -> None:
+        if not os.path.isdir("/proc/self/fd"):
+            raise SkipTest("counts the descriptors in /proc/self/fd")
+
+        def open_now() -> int:
+            return len(os.listdir("/proc/self/fd"))
+
+        server = Server(self)  # StringTransport: the connection holds no descriptor here
+        server.deliver(b"line\n" * 100_000)
+        client = server.connect()
+        before = open_now()
+        client.login()
+        logged_in = open_now()
+        client.guard.dataReceived(b"RETR 1\r\n")
+        self.assertTrue(client.take_some().startswith(b"+OK "))
+        sending = open_now()
+        client.take()
+        self.assertEqual((logged_in - before, sending - before, open_now() - before), (1, 2, 1))
 
     def test_a_service_without_a_cap_gets_the_hard_limit_and_a_warning(self) -> None:
         limits = Limits(1024, 65536)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from sockproto import maildir
 from sockproto.__main__ import main
 from sockproto.files import RefusedPathError, Tree
 from sockproto.maildir import (
+    SUBFOLDERS,
     TMP_MAX_AGE,
     CrlfNormalizer,
     IMaildrop,
@@ -198,7 +200,7 @@ class MaildirTests(SynchronousTestCase):
         real_size = maildir._sizes.size
 
         def swap_then_measure(tree: Tree, path: str, stat: os.stat_result) -> int:
-            if path == "new/" + swapped.name:
+            if path == self.box.beneath("new/" + swapped.name):
                 swapped.unlink()
                 swap(swapped)
             return real_size(tree, path, stat)
@@ -311,20 +313,116 @@ class MaildropTests(SynchronousTestCase):
         with self.assertRaises(RefusedPathError):
             self.drop.open_message(self.drop.get(1))  # type: ignore[arg-type]
 
-    def test_a_maildir_reached_through_a_symlink_still_opens(self) -> None:
-        # Links the operator made to the mailbox itself are theirs: only what
-        # is inside it is opened without following any.
-        os.symlink(self.root / "alice", self.root / "linked")
-        drop = Maildrop(
-            Maildir(self.root / "linked"), self.drop.lock, Maildir(self.root / "linked").messages()
-        )
+    def test_a_maildir_root_reached_through_a_symlink_still_opens(self) -> None:
+        # A link the operator made to the root of the Maildirs is theirs: only
+        # what is beneath it is opened without following any.
+        os.symlink(self.root, self.root.parent / f"{self.root.name}-linked")
+        linked = Maildir(self.root.parent / f"{self.root.name}-linked" / "alice")
+        drop = Maildrop(linked, self.drop.lock, linked.messages())
         with drop.open_message(drop.get(1)) as file:  # type: ignore[arg-type]
             self.assertEqual(file.read(), b"m1\n")
+        drop.get(1).deleted = True  # type: ignore[union-attr]
+        self.assertEqual(drop.commit(), (1, 0))
+        self.assertFalse(self.paths[0].exists())
 
     def test_message_already_gone_counts_as_removed(self) -> None:
         self.paths[0].unlink()
         self.drop.get(1).deleted = True  # type: ignore[union-attr]
         self.assertEqual(self.drop.commit(), (1, 0))
+
+
+class LocalWriterTests(SynchronousTestCase):
+    """A user who can write their own Maildir makes a folder in it, or the lock
+    file, a symbolic link to someone else's: a listing, DELE, the tmp/ sweep,
+    the lock and a delivery never act through it. (Regressions: alice's
+    ``new -> ../bob/new`` listed bob's mail at her login and DELE + QUIT
+    emptied it; ``tmp -> ../bob/cur`` had her login sweep bob's old mail; a
+    dangling lock link had its target created.)"""
+
+    def setUp(self) -> None:
+        self.root = Path(temp_dir(self))
+        self.bob = Maildir(self.root / "bob").create()
+        self.bobs = [
+            put(self.bob.path / "new", "1.m", b"bob's new\n", mtime=1),
+            put(self.bob.path / "cur", "2.m:2,S", b"bob's old\n", mtime=2),
+            put(self.bob.path / "tmp", "3.m", b"bob's half\n", mtime=3),
+        ]
+        self.alice = Maildir(self.root / "alice").create()
+
+    def link(self, sub: str, target: str) -> None:
+        """alice's ``sub`` becomes a link to ``target`` (relative to her folder)."""
+        os.rmdir(self.alice.path / sub)
+        os.symlink(target, self.alice.path / sub)
+
+    def assert_bobs_mail_untouched(self) -> None:
+        self.assertEqual(
+            [p.read_bytes() for p in self.bobs], [b"bob's new\n", b"bob's old\n", b"bob's half\n"]
+        )
+        self.assertEqual(
+            [sorted(os.listdir(self.bob.path / sub)) for sub in ("new", "cur", "tmp")],
+            [["1.m"], ["2.m:2,S"], ["3.m"]],
+        )
+
+    def test_a_linked_subfolder_is_refused_at_login(self) -> None:
+        for sub in SUBFOLDERS:
+            self.link(sub, f"../bob/{sub}")
+            with self.assertRaises(RefusedPathError):
+                Maildrop.open(self.root, "alice").close()
+            os.unlink(self.alice.path / sub)
+            os.mkdir(self.alice.path / sub)
+        self.assert_bobs_mail_untouched()
+
+    def test_a_linked_user_folder_is_refused(self) -> None:
+        shutil.rmtree(self.alice.path)
+        os.symlink("bob", self.alice.path)
+        with self.assertRaises(RefusedPathError):
+            Maildrop.open(self.root, "alice").close()
+        self.assertRaises(RefusedPathError, self.alice.deliver, io.BytesIO(b"x\n"))
+        self.assert_bobs_mail_untouched()
+
+    def test_new_swapped_for_a_link_after_login_dele_and_quit_leave_bobs_mail(self) -> None:
+        put(self.alice.path / "new", "1.m", b"alice's\n")  # the same name as bob's
+        drop = Maildrop.open(self.root, "alice")
+        self.addCleanup(drop.close)
+        os.rename(self.alice.path / "new", self.alice.path / "old-new")
+        os.symlink("../bob/new", self.alice.path / "new")
+        drop.get(1).deleted = True  # type: ignore[union-attr]
+        self.assertEqual(drop.commit(), (0, 1))
+        self.assert_bobs_mail_untouched()
+        self.assertRaises(RefusedPathError, self.alice.locate, "1.m")
+
+    def test_a_linked_tmp_is_not_swept(self) -> None:
+        self.link("tmp", "../bob/cur")
+        self.assertRaises(RefusedPathError, self.alice.sweep_tmp, time.time() + TMP_MAX_AGE + 60)
+        self.patch(maildir, "TMP_MAX_AGE", -60.0)  # every file counts as old: the login's sweep
+        with self.assertRaises(RefusedPathError):
+            Maildrop.open(self.root, "alice").close()
+        self.assert_bobs_mail_untouched()
+
+    def test_a_dangling_lock_link_creates_nothing(self) -> None:
+        target = self.root / "bob" / "created-by-alice"
+        os.symlink("../bob/created-by-alice", self.alice.path / maildir.LOCK_NAME)
+        with self.assertRaises(RefusedPathError):
+            Maildrop.open(self.root, "alice").close()
+        self.assertFalse(os.path.lexists(target))
+        # A lock link to an existing file is refused too (not locked, nor opened for writing).
+        os.unlink(self.alice.path / maildir.LOCK_NAME)
+        os.symlink("../bob/new/1.m", self.alice.path / maildir.LOCK_NAME)
+        self.assertRaises(RefusedPathError, Maildrop.open, self.root, "alice")
+        self.assert_bobs_mail_untouched()
+
+    def test_a_fifo_as_the_lock_file_is_refused_at_once(self) -> None:
+        os.mkfifo(self.alice.path / maildir.LOCK_NAME)
+        self.assertRaises(RefusedPathError, Maildrop.open, self.root, "alice")
+
+    def test_deliver_refuses_a_linked_new_or_tmp(self) -> None:
+        for sub in ("new", "tmp"):
+            self.link(sub, f"../bob/{sub}")
+            self.assertRaises(RefusedPathError, self.alice.deliver, io.BytesIO(b"for alice\n"))
+            os.unlink(self.alice.path / sub)
+            os.mkdir(self.alice.path / sub)
+        self.assertEqual(os.listdir(self.alice.path / "tmp"), [])  # no half delivery left either
+        self.assert_bobs_mail_untouched()
 
 
 HOLD_LOCK = """

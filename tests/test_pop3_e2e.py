@@ -539,3 +539,53 @@ class FailedLoginFloodEndToEndTests(SynchronousTestCase):
         self.assertTrue(answer.endswith(b"\r\n+OK 0 0\r\n"), answer)  # STAT waited behind it
         self.assertGreaterEqual(waited, 9.5)  # 10 s: one failure counted
         self.assertLess(waited, MAX_AUTH_DELAY)
+
+
+class LocalWriterEndToEndTests(SynchronousTestCase):
+    """alice can write her own Maildir and makes a part of it a link into
+    bob's: the real server refuses her login, says so in one line, and
+    neither lists, removes, sweeps nor creates anything of bob's. (Regressions:
+    ``new -> ../bob/new`` listed bob's mail and DELE 1 + QUIT removed it; the
+    tmp/ sweep ran in bob's cur/; a dangling lock link had its target created.)"""
+
+    def setUp(self) -> None:
+        self.box = Box(self)
+        self.bobs = self.box.deliver(b"Subject: for bob\n\nbob's\n", "bob")
+        self.alice = Maildir(self.box.root / "alice").create().path
+
+    def refused(self, *args: str) -> Suite:
+        """alice's login (then DELE 1 and QUIT, were it let in): refused, and the server serves bob."""
+        suite = start(self, self.box, *args)
+        client = poplib.POP3("127.0.0.1", suite.address("pop3")[1], timeout=20)
+        self.addCleanup(client.close)
+        client.user("alice")
+        with self.assertRaises(poplib.error_proto) as raised:
+            client.pass_("secret")
+            client.dele(1)
+            client.quit()
+        self.assertEqual(raised.exception.args[0], b"-ERR [SYS/TEMP] cannot open the mailbox")
+        suite.wait_log("cannot open the mailbox of alice: ")
+        self.assertEqual(len([line for line in suite.lines if "cannot open the mailbox" in line]), 1)
+        self.assertFalse(suite.saw("Traceback"))
+        bob = poplib.POP3("127.0.0.1", suite.address("pop3")[1], timeout=20)
+        self.addCleanup(bob.close)
+        bob.apop("bob", "builder")
+        self.assertEqual(bob.stat()[0], 1)
+        bob.quit()
+        self.assertEqual(self.bobs.read_bytes(), b"Subject: for bob\n\nbob's\n")
+        return suite
+
+    def test_a_linked_new_dele_and_quit_leave_bobs_mail(self) -> None:
+        os.rmdir(self.alice / "new")
+        os.symlink("../bob/new", self.alice / "new")
+        self.refused()
+
+    def test_a_linked_tmp_is_not_swept(self) -> None:
+        os.rmdir(self.alice / "tmp")
+        os.symlink("../bob/new", self.alice / "tmp")
+        self.refused()
+
+    def test_a_dangling_lock_link_creates_nothing(self) -> None:
+        os.symlink("../bob/created-by-alice", self.alice / "sockproto-pop3.lock")
+        self.refused()
+        self.assertFalse(os.path.lexists(self.box.root / "bob" / "created-by-alice"))

@@ -8,7 +8,8 @@
 - logs cannot be forged: every logged value a client chose (user names,
   reasons, commands) is escaped, so each event is one printable line;
 - a message swapped after login for a symlink or a FIFO is refused, not
-  followed or waited on.
+  followed or waited on; a folder of a Maildir made a link into another one
+  refuses the login, and nothing is listed or removed through it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sockproto import auth
 from sockproto.limits import LOGIN_DELAY_CAP
+from sockproto.maildir import Maildir
 from sockproto.pop3 import AnyLogin
 from tests.support import temp_dir
 from tests.test_chat import ChatTestCase
@@ -347,6 +349,34 @@ class Pop3SwappedMessageTests(SynchronousTestCase):
         self.assertEqual(len(events), 2)
         self.assertIn("a symbolic link", formatEvent(events[0]))
         self.assertFalse(self.client.closed)
+
+
+class Pop3LinkedFolderTests(SynchronousTestCase):
+    """A local writer makes a folder of their own Maildir a link into someone
+    else's: the login is refused with a temporary error and one log line,
+    and nothing of the other mailbox is listed or removed."""
+
+    def setUp(self) -> None:
+        self.server = Server(self)
+        self.bobs = self.server.deliver(b"Subject: for bob\n\nbob's\n", "bob")
+        self.alice = Maildir(self.server.root / "alice").create().path
+
+    def test_a_linked_new_is_refused_at_login(self) -> None:
+        # Regression: alice's login listed bob's mail, DELE 1 + QUIT removed it.
+        os.rmdir(self.alice / "new")
+        os.symlink("../bob/new", self.alice / "new")
+        client = self.server.connect()
+        with capturedLogs() as events:
+            answer = client.login()
+            answer += client.send(b"DELE 1\r\nQUIT\r\n")
+        self.assertIn(b"-ERR [SYS/TEMP] cannot open the mailbox\r\n", answer)
+        self.assertNotIn(b"+OK message 1 deleted", answer)
+        (line,) = [formatEvent(e) for e in events if "cannot open the mailbox" in formatEvent(e)]
+        self.assertIn("pop3: 10.0.0.1:", line)
+        self.assertIn("cannot open the mailbox of alice: ", line)
+        self.assertIn("a symbolic link", line)
+        self.assertFalse([e for e in events if e.get("log_failure")])  # no traceback
+        self.assertEqual(self.bobs.read_bytes(), b"Subject: for bob\n\nbob's\n")
 
 
 class Pop3SwappedMessageEndToEndTests(SynchronousTestCase):
