@@ -81,9 +81,9 @@ class SuiteSettings:
     logins_in_flight: int = option(
         2,
         checks.positive,
-        "Chat and POP3 logins from one address (an IPv6 one's /64) checked or waiting their answer "
-        "at once, both services together; one more is refused at once, its password unchecked: "
-        "a guesser's guesses per penalty, however many connections it opens.",
+        "Chat and POP3 logins from one address with failures counted (an IPv6 one's /64) checked or "
+        "waiting their answer at once, both services together; one more is refused at once, its "
+        "password unchecked: a guesser's guesses per penalty, however many connections it opens.",
     )
 
 

@@ -1204,8 +1204,9 @@ class FailureDelays:
     Waits are computed from the count, never added to the waits already
     running, so no answer waits longer than ``cap``. What bounds the guess
     rate is the number of logins in flight (being checked, or their answer
-    waiting): at most ``in_flight`` per key, so a key gets at most that many
-    guesses per penalty however many connections it opens. :meth:`begin`
+    waiting): at most ``in_flight`` per key with failures counted, so such a
+    key gets at most that many guesses per penalty however many connections
+    it opens. :meth:`begin`
     refuses one more at once, before its password is checked, so the
     refusal says nothing about it. The counts are a bounded table: a key
     forgotten ``forget`` seconds after its last failure, at most
@@ -1272,10 +1273,14 @@ class FailureDelays:
 
     def begin(self, key: Hashable) -> LoginSlot | None:
         """A slot for a login attempt from ``key``, taken before its password
-        is checked; None if ``key`` has ``in_flight`` already (refuse it now,
-        unchecked). The session frees it when its peer goes away; an answer
-        frees it as it is given (:meth:`answer_later`)."""
-        if self._flying[key] >= self.in_flight:
+        is checked; None if ``key`` has failures counted and ``in_flight``
+        logins already (refuse it now, unchecked). A key without failures is
+        not bounded: many clients behind one address (a test suite's parallel
+        logins over loopback, a NAT) log in at once, and a first wave of
+        guesses is counted as it fails, so the next finds the bound. The
+        session frees the slot when its peer goes away; an answer frees it as
+        it is given (:meth:`answer_later`)."""
+        if self._flying[key] >= self.in_flight and self.failures(key):
             return None
         self._flying[key] += 1
         return LoginSlot(self, key)

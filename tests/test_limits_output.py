@@ -363,6 +363,7 @@ class FailureDelaysTests(SynchronousTestCase):
     def test_logins_in_flight_per_key_are_bounded(self) -> None:
         # Each answer waits only its own penalty, so without a bound a key
         # held a guess on every connection it could open: ~100 per 30 s.
+        self.delays.failed("a", 1.0)
         first, second = self.delays.begin("a"), self.delays.begin("a")
         assert first is not None and second is not None
         self.assertIsNone(self.delays.begin("a"))  # refused, nothing checked
@@ -378,6 +379,14 @@ class FailureDelaysTests(SynchronousTestCase):
         self.assertEqual(self.delays.flying("a"), 1)  # answered: freed
         second.free()
         self.assertEqual(self.delays.flying("a"), 0)
+
+    def test_a_key_without_failures_is_not_bounded(self) -> None:
+        # Many clients behind one address (a test suite's parallel logins
+        # over loopback) log in at once; the first failure brings the bound.
+        slots = [self.delays.begin("a") for _ in range(50)]
+        self.assertNotIn(None, slots)
+        self.delays.failed("a", 1.0)
+        self.assertIsNone(self.delays.begin("a"))
 
     def test_guesses_per_key_are_bounded_by_the_penalty(self) -> None:
         # A guesser with 100 connections that retries on each as soon as it
