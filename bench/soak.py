@@ -1284,8 +1284,8 @@ class Load:
                 await asyncio.sleep(0)
 
         count = 30
-        swapping = asyncio.create_task(swapper())
         conn = await self.connect("http")
+        swapping = asyncio.create_task(swapper())
         try:
             await conn.send(expect.http_request("GET", "/files/changing/" + path.name) * count)
             async with owed("a swapped file"):
@@ -1313,9 +1313,11 @@ class Load:
         within the failure delay's cap."""
         for _ in range(30):
             conn = await self.connect("pop3", BAD_LOGINS_FROM)
-            with contextlib.suppress(OSError):
-                await conn.send(b"USER nobody\r\nPASS wrong\r\n")
-            conn.close(reset=True)
+            try:
+                with contextlib.suppress(OSError):
+                    await conn.send(b"USER nobody\r\nPASS wrong\r\n")
+            finally:
+                conn.close(reset=True)
         conn = await self.connect("pop3", BAD_LOGINS_FROM)
         try:
             await pop3_greeting(conn)
@@ -1336,7 +1338,11 @@ class Load:
         """Bidi overrides, zero-width characters and telnet commands in a line:
         another member sees the text without them."""
         speaker = await self.connect("chat")
-        listener = await self.connect("chat")
+        try:
+            listener = await self.connect("chat")
+        except BaseException:
+            speaker.close()
+            raise
         try:
             nick = expect.welcome_nick(await first_line(speaker, expect.CHAT_OVERFLOW))
             await first_line(listener, expect.CHAT_OVERFLOW)
