@@ -633,6 +633,10 @@ class PausedOnce:
         self.producer.stopStreaming()
 
 
+# What a folded header line (obs-fold) starts with, as a one-byte slice.
+_FOLDED = frozenset((b" ", b"\t"))
+
+
 @implementer(IHalfCloseableProtocol)
 class ResponderChannel(HTTPChannel):
     """twisted.web's HTTP/1.1 connection with the limits of the module docstring."""
@@ -658,9 +662,12 @@ class ResponderChannel(HTTPChannel):
         LineReceiver.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:
+        if line[:1] not in _FOLDED and not self._lingering:  # the usual line: one test
+            HTTPChannel.lineReceived(self, line)
+            return
         if self._lingering:
             return  # the rest of a chunk read before the refusal
-        if line[:1] in (b" ", b"\t") and self.requests:  # a header line (see lineLengthExceeded)
+        if self.requests:  # a header line (see lineLengthExceeded)
             # twisted.web joins such a line to the header before it (obs-fold,
             # RFC 9112 sec. 5.2); a proxy in front may read it as a header of
             # its own, so the two would disagree on the request: refused, as
@@ -670,7 +677,7 @@ class ResponderChannel(HTTPChannel):
                 "bad request: a header line must not start with a space or tab (no obs-fold)\n",
             )
             return
-        super().lineReceived(line)
+        HTTPChannel.lineReceived(self, line)
 
     def rawDataReceived(self, data: bytes) -> None:
         if not self._lingering:
