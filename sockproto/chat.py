@@ -18,10 +18,8 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable, Sequence
-from functools import cached_property
 from typing import Any
 
-from twisted.conch.telnet import IAC
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
@@ -48,7 +46,7 @@ from sockproto.limits import (
 )
 from sockproto.listening import Listener, stream_listener
 from sockproto.stats import ServiceStats, Stats
-from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS, TelnetFilter, loggable, relayable
+from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS, TelnetInput, loggable, relayable
 
 log = Logger(namespace="sockproto")
 
@@ -219,7 +217,7 @@ class Room:
                 member.send(own)
 
 
-class ChatProtocol(BoundedLineReceiver):
+class ChatProtocol(TelnetInput, BoundedLineReceiver):
     """One client: lines in, room traffic out.
 
     Lines are split a whole block at a time and wait in ``_lines`` while the
@@ -255,17 +253,6 @@ class ChatProtocol(BoundedLineReceiver):
         self.output.write(data)
 
     # Input: blocks of lines, held while the client must wait.
-
-    @cached_property
-    def _telnet(self) -> TelnetFilter:
-        """Telnet's commands out of the input before it is split into lines."""
-        return TelnetFilter(self._bytes_received, self._telnet_reply, self._telnet_flood)
-
-    def dataReceived(self, data: bytes) -> None:
-        if IAC in data or self._telnet.holding:
-            self._telnet.feed(data)
-        else:
-            self._bytes_received(data)  # any text but a telnet client's Ctrl-C
 
     def _telnet_reply(self, reply: bytes) -> None:
         if not self._leaving:
@@ -303,7 +290,7 @@ class ChatProtocol(BoundedLineReceiver):
 
     def readConnectionLost(self) -> None:
         """EOF: the last line counts even without LF; then the client leaves."""
-        self._telnet.end()
+        self._telnet_end()
         if self._buffer:
             self._lines.append(self._buffer)
             self._buffer = b""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.conch.telnet import IAC
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -19,7 +18,7 @@ from sockproto.config import Settings
 from sockproto.limits import BoundedLineReceiver, ConnectionPolicy, peer_of
 from sockproto.listening import Listener, stream_listener
 from sockproto.stats import ServiceStats, Stats
-from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS, TelnetFilter
+from sockproto.text import MAX_TELNET_COMMANDS, TOO_MANY_COMMANDS, TelnetInput
 
 log = Logger(namespace="sockproto")
 
@@ -49,7 +48,7 @@ def is_closing(line: bytes) -> bool:
     return line.strip(WHITESPACE).lower() in CLOSING_WORDS
 
 
-class StripProtocol(BoundedLineReceiver):
+class StripProtocol(TelnetInput, BoundedLineReceiver):
     """Answers whole blocks of lines at once; see :meth:`dataReceived`."""
 
     service_stats: ServiceStats
@@ -59,15 +58,6 @@ class StripProtocol(BoundedLineReceiver):
         # never reads would have them all buffered here. As the transport's
         # producer (LineReceiver is one), reading stops while output backs up.
         self.transport.registerProducer(self, True)
-        self._telnet = TelnetFilter(self._bytes_received, self._telnet_reply, self._telnet_flood)
-
-    def dataReceived(self, data: bytes) -> None:
-        # Without a 0xFF in it (any text but a telnet client's Ctrl-C), the
-        # data goes straight on, the benchmarked path paying for no filter.
-        if IAC in data or self._telnet.holding:
-            self._telnet.feed(data)
-        else:
-            self._bytes_received(data)
 
     def _telnet_reply(self, reply: bytes) -> None:
         if not self.transport.disconnecting:
@@ -86,7 +76,7 @@ class StripProtocol(BoundedLineReceiver):
         self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
-        self._telnet.end()  # a 0xFF last is data: into the last line
+        self._telnet_end()
         super().readConnectionLost()
 
     def _bytes_received(self, data: bytes) -> Any:
