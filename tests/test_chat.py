@@ -954,13 +954,9 @@ class LoginTests(ChatTestCase):
         self.clock.advance(0.1)
         self.assertEqual(alice.received(), ["*** welcome, alice; /help lists the commands"])
 
-    def test_hang_up_while_a_right_password_waits_frees_the_slot(self) -> None:
-        guess = self.connect()
-        guess.send("/login alice nope")
-        guess.lose()
-        guest = self.connect()
-        guest.received()
-        guest.send("/login alice secret")
+    def hang_up_while_waiting(self, guest: Client) -> None:
+        """``guest`` (the only connection) hangs up while its login answer waits:
+        closed at once, nothing said, its slot and its timer gone."""
         self.assertEqual(len(self.factory.protocols), 1)
         guest.protocol.readConnectionLost()  # the client hangs up: EOF
         self.assertTrue(guest.transport.disconnecting)  # at once, not after the wait
@@ -968,6 +964,15 @@ class LoginTests(ChatTestCase):
         guest.lose()
         self.assertEqual((len(self.factory.protocols), self.stats.current), (0, 0))
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_hang_up_while_a_right_password_waits_frees_the_slot(self) -> None:
+        guess = self.connect()
+        guess.send("/login alice nope")
+        guess.lose()
+        guest = self.connect()
+        guest.received()
+        guest.send("/login alice secret")
+        self.hang_up_while_waiting(guest)
         self.assertEqual(self.chat_factory.login_delays.failures("127.0.0.1"), 1)  # not cleared
         self.assertEqual(self.chat_factory.room.members, {})  # never joined
 
@@ -1034,13 +1039,7 @@ class LoginTests(ChatTestCase):
         guest = self.connect()
         guest.received()
         guest.send("/login alice wrong")
-        self.assertEqual(len(self.factory.protocols), 1)
-        guest.protocol.readConnectionLost()  # the client hangs up: EOF
-        self.assertTrue(guest.transport.disconnecting)  # at once, not after the wait
-        self.assertEqual(guest.received(), [])  # nothing said about the password
-        guest.lose()
-        self.assertEqual((len(self.factory.protocols), self.stats.current), (0, 0))
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.hang_up_while_waiting(guest)
         self.assertEqual(self.chat_factory.login_delays.failures("127.0.0.1"), 1)  # still counted
 
     def test_input_behind_a_failed_login_is_bounded(self) -> None:
